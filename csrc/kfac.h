@@ -1,0 +1,33 @@
+// K-FAC factor op family: argument checking and output planning shared by the CPU and CUDA
+// kernels. The kernels themselves live in cpu/kfac_kernel.cpp and cuda/kfac_kernel.cu.
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <tuple>
+#include <vector>
+
+#include "gram_common.h"
+
+namespace llama_fast {
+
+using TensorVector = std::vector<at::Tensor>;
+using KfacOutput = std::tuple<TensorVector, TensorVector>;
+
+// Outputs of one kfac_factors call and the 2L Gram problems (A then G per layer) filling them.
+struct KfacPlan {
+  TensorVector A;
+  TensorVector G;
+  std::vector<GramProblem> problems;
+  at::ScalarType dtype = at::kFloat;
+};
+
+// Checks the arguments (ranks, task counts, dtypes, devices, list lengths) with errors that
+// name the offending argument, allocates the outputs on the inputs' device and describes the
+// Gram problems. `a` and `g` are layer lists: a[l] is [T, N_l, i_l], g[l] is [T, M_l, o_l].
+KfacPlan plan_kfac_factors(at::TensorList a, at::TensorList g, const c10::List<bool>& bias,
+                           c10::ArrayRef<double> a_scale, c10::ArrayRef<double> g_scale);
+
+}  // namespace llama_fast

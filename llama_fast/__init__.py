@@ -1,0 +1,16 @@
+"""llama_fast: fast Bayesian gradient-based meta-learning (MAML and LLAMA).
+
+Ops are registered as torch.ops.llama_fast.* by the compiled extension; the names here are
+thin Python wrappers around them. ``llama_fast.reference`` holds the pure-torch oracle.
+"""
+
+from . import _extension
+
+_extension.load()
+
+from . import reference  # noqa: E402
+from .kfac import kfac_factors  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["kfac_factors", "reference", "__version__"]

@@ -1,0 +1,42 @@
+"""Argument checks shared by the op wrappers: errors that name the argument and what was expected."""
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_same(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """All tensors share the first one's dtype and device."""
+    first, first_name = tensors[0], names[0]
+    for x, name in zip(tensors[1:], names[1:]):
+        if x.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}")
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    # One host sync; only done when the caller asks for it (check_finite=True).
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def per_layer(value, layers: int, name: str) -> list:
+    """A scalar setting broadcast to every layer, or a sequence with one entry per layer."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != layers:
+            raise ValueError(f"{name} has {len(value)} entries but there are {layers} layers")
+        return list(value)
+    return [value] * layers

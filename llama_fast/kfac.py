@@ -1,0 +1,134 @@
+"""kfac_factors: batched Kronecker factors of every K-FAC layer of every task in one op call.
+
+The compiled op is torch.ops.llama_fast.kfac_factors (a grouped kernel over a list of
+layers); this module adds its fake (meta) implementation for torch.compile, its autograd
+formula and the user-facing wrapper with argument checking.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import _checks
+
+__all__ = ["kfac_factors"]
+
+
+@torch.library.register_fake("llama_fast::kfac_factors")
+def _kfac_factors_fake(a, g, bias, a_scale, g_scale):
+    A = [x.new_empty(x.shape[0], x.shape[2] + int(b), x.shape[2] + int(b)) for x, b in zip(a, bias)]
+    G = [y.new_empty(y.shape[0], y.shape[2], y.shape[2]) for y in g]
+    return A, G
+
+
+def gram_input_grad(x, d_out, ones: bool, scale: float):
+    """Gradient of out = scale * xbar^T xbar (xbar = [x, 1] if ones) with respect to x."""
+    if d_out is None:
+        return None
+    sym = d_out + d_out.transpose(-1, -2)
+    cols = x.shape[-1]
+    dx = x @ sym[..., :cols, :cols]
+    if ones:
+        # The column of ones is not an input; its cross terms still reach every row of x.
+        dx = dx + sym[..., cols:, :cols]
+    return scale * dx
+
+
+def _setup_context(ctx, inputs, output):
+    a, g, bias, a_scale, g_scale = inputs
+    ctx.layers = len(a)
+    ctx.settings = (list(bias), list(a_scale), list(g_scale))
+    ctx.save_for_backward(*a, *g)
+
+
+def _backward(ctx, dA, dG):
+    saved = ctx.saved_tensors
+    a, g = saved[: ctx.layers], saved[ctx.layers :]
+    bias, a_scale, g_scale = ctx.settings
+    da = [gram_input_grad(x, d, b, s) for x, d, b, s in zip(a, dA, bias, a_scale)]
+    dg = [gram_input_grad(y, d, False, s) for y, d, s in zip(g, dG, g_scale)]
+    return da, dg, None, None, None
+
+
+torch.library.register_autograd(
+    "llama_fast::kfac_factors", _backward, setup_context=_setup_context
+)
+
+
+def _as_layer_lists(a, g):
+    """(a_list, g_list, single) from a tensor pair, two lists, or one list of (a, g) pairs."""
+    if isinstance(a, torch.Tensor):
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"g must be a torch.Tensor when a is one, got {type(g).__name__}")
+        return [a], [g], True
+    if not isinstance(a, Sequence):
+        raise TypeError(f"a must be a tensor, a list of tensors or a list of (a, g) pairs, got {type(a).__name__}")
+    if g is None:
+        pairs = list(a)
+        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise TypeError("a given without g must be a list of (a, g) pairs, one per layer")
+        return [p[0] for p in pairs], [p[1] for p in pairs], False
+    if not isinstance(g, Sequence) or len(g) != len(a):
+        raise ValueError(f"g must be a list with one tensor per layer of a ({len(a)})")
+    return list(a), list(g), False
+
+
+def _check_layers(a_list, g_list, check_finite: bool) -> None:
+    names = []
+    for l, (a, g) in enumerate(zip(a_list, g_list)):
+        a_name, g_name = (f"a[{l}]", f"g[{l}]") if len(a_list) > 1 else ("a", "g")
+        for x, name in ((a, a_name), (g, g_name)):
+            _checks.check_tensor(x, name, ndim=3)
+            if x.shape[1] < 1:
+                raise ValueError(f"{name} needs at least one row (shape [T, N>=1, features]), got {tuple(x.shape)}")
+            if x.shape[0] != a_list[0].shape[0]:
+                raise ValueError(f"{name} has T={x.shape[0]} tasks but {names[0] if names else a_name} has T={a_list[0].shape[0]}")
+            if check_finite:
+                _checks.check_finite(x, name)
+            names.append(name)
+    _checks.check_same([x for pair in zip(a_list, g_list) for x in pair], names)
+
+
+def _scales(value, layers, name, rows=None) -> list[float]:
+    scales = _checks.per_layer(value, layers, name)
+    out = []
+    for l, s in enumerate(scales):
+        if s is None and rows is not None:
+            s = 1.0 / rows[l]
+        s = float(s)
+        if not math.isfinite(s):
+            raise ValueError(f"{name} must be finite, got {s}")
+        out.append(s)
+    return out
+
+
+def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finite=False):
+    """Kronecker factors A and G of K-FAC for a batch of tasks.
+
+    ``A = a_scale * abar^T abar`` with ``abar = [a, 1]`` when ``bias`` (the column of ones is
+    never materialised), default ``a_scale = 1/N``; ``G = g_scale * g^T g``.
+
+    Args:
+        a: layer inputs ``[T, N, i]``, or a list of them (one per layer), or a list of
+            ``(a, g)`` pairs (then ``g`` is omitted).
+        g: pre-activation output gradients ``[T, M, o]``, or a list of them.
+        bias: whether each layer has a bias (bool, or one per layer).
+        a_scale: scale of A; ``None`` means ``1/N`` of that layer (float or one per layer).
+        g_scale: scale of G (float or one per layer).
+        check_finite: raise ``ValueError`` if an input holds NaN or Inf (one host sync).
+
+    Returns:
+        ``(A, G)`` with ``A [T, i+bias, i+bias]`` and ``G [T, o, o]``; for list input, two
+        lists. All layers are computed in one kernel launch.
+    """
+    a_list, g_list, single = _as_layer_lists(a, g)
+    if not a_list:
+        return [], []
+    _check_layers(a_list, g_list, check_finite)
+    layers = len(a_list)
+    biases = [bool(b) for b in _checks.per_layer(bias, layers, "bias")]
+    a_scales = _scales(a_scale, layers, "a_scale", rows=[x.shape[1] for x in a_list])
+    g_scales = _scales(g_scale, layers, "g_scale")
+    A, G = torch.ops.llama_fast.kfac_factors(a_list, g_list, biases, a_scales, g_scales)
+    return (A[0], G[0]) if single else (list(A), list(G))

@@ -1,0 +1,83 @@
+"""Builds llama_fast._C, the C++/CUDA extension holding every llama_fast op.
+
+CUDA sources are compiled whenever the installed torch is a CUDA build and nvcc is found,
+whether or not a GPU is visible. Environment:
+  LLAMA_FAST_CUDA=0/1     force the CUDA kernels off / on (1 fails loudly without nvcc)
+  TORCH_CUDA_ARCH_LIST    GPU architectures; default: the visible GPUs', else "8.0;9.0"
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _default_cuda_home():
+    # A CUDA toolkit in the standard place wins over torch's guess from the nvcc on PATH,
+    # which can be a wrapper script outside the toolkit.
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+        if Path("/usr/local/cuda/bin/nvcc").exists():
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+_default_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("LLAMA_FAST_CUDA")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if forced is None:
+        return available
+    if forced not in ("0", "1"):
+        sys.exit(f"LLAMA_FAST_CUDA must be 0 or 1, got {forced!r}")
+    if forced == "1" and not available:
+        sys.exit(
+            "LLAMA_FAST_CUDA=1 but CUDA cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r} (nvcc not found)"
+        )
+    return forced == "1"
+
+
+def write_build_info(with_cuda: bool):
+    (ROOT / "llama_fast" / "_build_info.py").write_text(
+        "# Written by setup.py at build time; compared with the running torch at import.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+    )
+
+
+def extension():
+    with_cuda = want_cuda()
+    write_build_info(with_cuda)
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    if not with_cuda:
+        return CppExtension("llama_fast._C", sources, extra_compile_args={"cxx": cxx_flags})
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    return CUDAExtension(
+        "llama_fast._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        define_macros=[("LLAMA_FAST_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+    )
+
+
+setup(
+    packages=find_packages(include=["llama_fast", "llama_fast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
