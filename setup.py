@@ -51,6 +51,14 @@ def want_cuda() -> bool:
     return forced == "1"
 
 
+def pip_cuda_includes():
+    # PyPI's CUDA builds of torch ship the cuBLAS/cuSPARSE/cuSOLVER headers that ATen's CUDA
+    # headers include in nvidia-* wheels beside torch; a bare toolkit may lack them, and
+    # torch adds them to the include path only for some environments (not a venv's).
+    site_packages = Path(torch.__file__).resolve().parent.parent
+    return sorted(str(p) for p in site_packages.glob("nvidia/*/include") if p.is_dir())
+
+
 def write_build_info(with_cuda: bool):
     (ROOT / "llama_fast" / "_build_info.py").write_text(
         "# Written by setup.py at build time; compared with the running torch at import.\n"
@@ -71,6 +79,7 @@ def extension():
     return CUDAExtension(
         "llama_fast._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=pip_cuda_includes(),
         define_macros=[("LLAMA_FAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
     )
