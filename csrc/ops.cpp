@@ -8,4 +8,21 @@ TORCH_LIBRARY(llama_fast, m) {
   m.def(
       "kfac_factors(Tensor[] a, Tensor[] g, bool[] bias, float[] a_scale, float[] g_scale)"
       " -> (Tensor[], Tensor[])");
+  // Batched symmetric eigendecomposition of M [..., d, d]: ascending eigenvalues, column
+  // eigenvectors, and info (0: converged, 1: not converged) instead of an exception.
+  m.def("sym_eig(Tensor M) -> (Tensor eigenvalues, Tensor eigenvectors, Tensor info)");
+  // Per-task damped Kronecker log-determinant summed over layers, "exact" damping:
+  //   sum_l sum_{p,q} log(scale * mu_p * lambda_q + damping[t])  (mu: eig(G[l]), lambda: eig(A[l]))
+  // with the eigendecompositions it used (reused by the backward pass and by sampling).
+  m.def(
+      "kron_logdet_exact(Tensor[] A, Tensor[] G, Tensor damping, float scale)"
+      " -> (Tensor logdet, Tensor[] evals_A, Tensor[] evecs_A, Tensor[] evals_G, Tensor[] evecs_G)");
+  // The same sum from given eigenvalues (one fused reduction over all layers and tasks).
+  m.def(
+      "kron_logdet_from_eigs(Tensor[] evals_A, Tensor[] evals_G, Tensor damping, float scale)"
+      " -> Tensor");
+  // Gradient weights of that sum: w_A[l] [T, a_l], w_G[l] [T, g_l] and d/d damping [T].
+  m.def(
+      "kron_logdet_weights(Tensor[] evals_A, Tensor[] evals_G, Tensor damping, float scale)"
+      " -> (Tensor[] w_A, Tensor[] w_G, Tensor w_damping)");
 }

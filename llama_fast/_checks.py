@@ -33,6 +33,13 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_symmetric(M: torch.Tensor, name: str) -> None:
+    """M equals its transpose up to rounding (one host sync)."""
+    tol = 100 * torch.finfo(M.dtype).eps * max(1.0, float(M.abs().max()))
+    if float((M - M.transpose(-1, -2)).abs().max()) > tol:
+        raise ValueError(f"{name} must be symmetric (M == M^T up to {tol:.2g})")
+
+
 def per_layer(value, layers: int, name: str) -> list:
     """A scalar setting broadcast to every layer, or a sequence with one entry per layer."""
     if isinstance(value, (list, tuple)):

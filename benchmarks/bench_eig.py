@@ -1,0 +1,37 @@
+"""sym_eig vs torch.linalg.eigh on the K-FAC factors of the DESIGN.md workloads.
+
+Factors of equal size are batched together (T tasks x the layers of that size), as
+kron_logdet does.
+"""
+
+import pytest
+import torch
+
+import llama_fast as lf
+from llama_fast import reference
+from lf_workloads import WORKLOADS, timed_call
+
+IMPLS = {"kernels": lf.sym_eig, "reference": reference.sym_eig}
+
+
+def factor_sizes(workload, T):
+    """{d: number of d x d factors} over A (with bias) and G of every layer, all T tasks."""
+    sizes = {}
+    for (_, _, i), (_, _, o) in WORKLOADS[workload](T):
+        for d in (i + 1, o):
+            sizes[d] = sizes.get(d, 0) + T
+    return sizes
+
+
+CASES = [(w, T, d, n) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)
+         for d, n in sorted(factor_sizes(w, T).items())]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("workload,T,d,count", CASES)
+def bench_sym_eig(benchmark, device, workload, T, d, count, impl):
+    x = torch.randn(count, d, d + 2, device=device)
+    M = x @ x.transpose(1, 2) / d
+    benchmark.group = f"sym_eig {workload} T={T} {count}x[{d}x{d}] {device}"
+    benchmark.extra_info["impl"] = impl
+    benchmark(timed_call(IMPLS[impl], device), M)

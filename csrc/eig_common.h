@@ -1,0 +1,106 @@
+// Per-matrix arithmetic of the batched symmetric eigensolver (parallel-order cyclic Jacobi,
+// Brent & Luk), shared by the CPU and CUDA kernels: the CPU runs the same rounds serially, so
+// CPU tests exercise the arithmetic the GPU runs.
+//
+// One sweep is n-1 rounds (n = d rounded up to even); each round pairs all indices into n/2
+// disjoint (p, q) pairs, so its rotations commute and can be applied at once:
+//   1. every pair computes its rotation (c, s) from A[p][p], A[q][q], A[p][q];
+//   2. rows p and q of A are rotated (A <- J^T A);
+//   3. columns p and q of A and of V are rotated (A <- A J, V <- V J).
+// Sweeps repeat until the off-diagonal Frobenius norm falls below eps * ||A||_F.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "gram_common.h"
+
+namespace llama_fast {
+
+// Sweeps before giving up; Jacobi converges quadratically, 6-10 sweeps are typical.
+constexpr int kJacobiMaxSweeps = 40;
+
+// Converged when off(A)^2 <= (eps * d) ^ 2 * ||A||_F^2 / d, i.e. the off-diagonal mass is at
+// the rounding level of the d entries of a row (eps: unit roundoff of T).
+template <typename T>
+LF_HOST_DEVICE bool jacobi_converged(T off_sq, T norm_sq, int64_t d) {
+  const T eps = sizeof(T) == 4 ? T(1.2e-7) : T(2.3e-16);
+  return off_sq <= eps * eps * T(d) * norm_sq;
+}
+
+LF_HOST_DEVICE int64_t jacobi_even(int64_t d) { return d + (d & 1); }
+
+// Pair k (0 <= k < n/2) of round r (0 <= r < n-1) of the round-robin tournament on n
+// (even) players: player n-1 stays, the others rotate. Indices >= d are padding (skipped).
+LF_HOST_DEVICE void jacobi_pair(int64_t round, int64_t k, int64_t n, int64_t& p, int64_t& q) {
+  const int64_t m = n - 1;
+  int64_t a = (round + k) % m;
+  int64_t b = k == 0 ? m : (round + m - k) % m;
+  p = a < b ? a : b;
+  q = a < b ? b : a;
+}
+
+// Rotation (c, s) zeroing the off-diagonal entry of [[app, apq], [apq, aqq]]
+// (Golub & Van Loan, Algorithm 8.5.1), overflow-safe for large tau.
+template <typename T>
+LF_HOST_DEVICE void jacobi_rotation(T app, T aqq, T apq, T& c, T& s) {
+  if (apq == T(0)) {
+    c = T(1);
+    s = T(0);
+    return;
+  }
+  const T tau = (aqq - app) / (T(2) * apq);
+  const T t = (tau >= T(0) ? T(1) : T(-1)) / (fabs(tau) + hypot(T(1), tau));
+  c = T(1) / sqrt(T(1) + t * t);
+  s = t * c;
+}
+
+// (x, y) <- (c x - s y, s x + c y): entries p and q of a row or column after the rotation.
+template <typename T>
+LF_HOST_DEVICE void rotate_pair(T& x, T& y, T c, T s) {
+  const T xp = c * x - s * y;
+  const T yq = s * x + c * y;
+  x = xp;
+  y = yq;
+}
+
+// Phase 1 of a round for pair k: its rotation, or the identity for a padding index.
+template <typename T>
+LF_HOST_DEVICE void jacobi_pair_rotation(const T* A, int64_t d, int64_t round, int64_t k,
+                                         int64_t n, T& c, T& s) {
+  int64_t p, q;
+  jacobi_pair(round, k, n, p, q);
+  if (q >= d) {
+    c = T(1);
+    s = T(0);
+    return;
+  }
+  jacobi_rotation(A[p * d + p], A[q * d + q], A[p * d + q], c, s);
+}
+
+// Phase 2, one element: rows p and q of A at column j.
+template <typename T>
+LF_HOST_DEVICE void jacobi_rotate_rows(T* A, int64_t d, int64_t p, int64_t q, T c, T s, int64_t j) {
+  rotate_pair(A[p * d + j], A[q * d + j], c, s);
+}
+
+// Phase 3, one element: columns p and q of X (A or V) at row i.
+template <typename T>
+LF_HOST_DEVICE void jacobi_rotate_cols(T* X, int64_t d, int64_t p, int64_t q, T c, T s, int64_t i) {
+  rotate_pair(X[i * d + p], X[i * d + q], c, s);
+}
+
+// Position of eigenvalue i in ascending order (ties by index): a stable rank sort that
+// every thread can compute for its own entry.
+template <typename T>
+LF_HOST_DEVICE int64_t ascending_rank(const T* A, int64_t d, int64_t i) {
+  const T value = A[i * d + i];
+  int64_t rank = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const T other = A[j * d + j];
+    rank += (other < value || (other == value && j < i)) ? 1 : 0;
+  }
+  return rank;
+}
+
+}  // namespace llama_fast

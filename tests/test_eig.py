@@ -1,0 +1,160 @@
+"""sym_eig against LAPACK (torch.linalg.eigh in float64) on hard spectra, gradients, bad input."""
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import llama_fast as lf
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture(params=["auto", "jacobi"])
+def cpu_eig(request, monkeypatch):
+    """Runs a CPU test under each CPU path (jacobi is the CUDA kernel's arithmetic)."""
+    monkeypatch.setenv("LLAMA_FAST_CPU_EIG", request.param)
+    return request.param
+
+
+def random_orthogonal(d, rng):
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=rng, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def with_spectrum(spectrum, rng):
+    q = random_orthogonal(spectrum.shape[-1], rng)
+    return (q * spectrum) @ q.T
+
+
+def spectrum(kind, d, rng):
+    if kind == "spd":
+        x = torch.randn(d, d + 3, generator=rng, dtype=torch.float64)
+        return torch.linalg.eigvalsh(x @ x.T / d)
+    if kind == "rank-deficient":  # a K-FAC factor of a 1-shot support set: rank <= 3
+        w = torch.zeros(d, dtype=torch.float64)
+        w[-min(3, d):] = torch.rand(min(3, d), generator=rng, dtype=torch.float64) + 0.5
+        return w
+    if kind == "repeated":
+        return torch.tensor([1.0, 2.0, 2.0, 5.0], dtype=torch.float64).repeat(d // 4 + 1)[:d].sort().values
+    if kind == "cond-1e8":
+        return torch.logspace(-8, 0, d, dtype=torch.float64)
+    if kind == "indefinite":
+        return torch.linspace(-3, 2, d, dtype=torch.float64)
+    raise ValueError(kind)
+
+
+KINDS = ["spd", "rank-deficient", "repeated", "cond-1e8", "indefinite"]
+
+
+def check_decomposition(M, evals, evecs, dtype):
+    """Eigenvalues within tol*||M||_2 of LAPACK's (float64); residual and orthogonality of the
+    same order (tol * sqrt(d), the Frobenius norm of d columns at the rounding level)."""
+    M64 = M.double().cpu()
+    w, Q = evals.double().cpu(), evecs.double().cpu()
+    d = M.shape[-1]
+    norm = max(torch.linalg.matrix_norm(M64, ord=2).max().item(), 1e-300)
+    tol = TOL[dtype]
+    exact = torch.linalg.eigvalsh(M64)
+    assert (w - exact).abs().max().item() <= tol * norm, "eigenvalues off"
+    assert bool((w[..., 1:] >= w[..., :-1]).all()), "eigenvalues not ascending"
+    rotated = Q.transpose(-1, -2) @ M64 @ Q - torch.diag_embed(w)
+    assert torch.linalg.matrix_norm(rotated).max().item() <= tol * math.sqrt(d) * norm * 10
+    ortho = Q.transpose(-1, -2) @ Q - torch.eye(d, dtype=torch.float64)
+    assert torch.linalg.matrix_norm(ortho).max().item() <= tol * math.sqrt(d) * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 16, 33, 64])
+def test_matches_lapack_small(device, cpu_eig, d, kind, dtype, rng):
+    if device.type == "cuda" and cpu_eig != "auto":
+        pytest.skip("CPU path choice does not apply to CUDA")
+    M = torch.stack([with_spectrum(spectrum(kind, d, rng), rng) for _ in range(3)])
+    M = M.to(dtype=dtype, device=device)
+    evals, evecs = lf.sym_eig(M)
+    check_decomposition(M, evals, evecs, dtype)
+    _, _, info = torch.ops.llama_fast.sym_eig(M)
+    assert int(info.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("kind", ["spd", "cond-1e8", "rank-deficient"])
+@pytest.mark.parametrize("d", [129, 577])
+def test_matches_lapack_large(device, d, kind, rng):
+    """The K-FAC factor sizes of Conv-4 (577) and a mid size, float32."""
+    M = with_spectrum(spectrum(kind, d, rng), rng).float().to(device).unsqueeze(0)
+    evals, evecs = lf.sym_eig(M)
+    check_decomposition(M, evals, evecs, torch.float32)
+
+
+def test_largest_factor_size_1601(device, rng):
+    M = with_spectrum(spectrum("rank-deficient", 1601, rng), rng).to(device)
+    evals, evecs = lf.sym_eig(M)
+    check_decomposition(M, evals, evecs, torch.float64)
+
+
+def test_jacobi_float32_mid_size(monkeypatch, rng):
+    """The GPU's Jacobi arithmetic on a size that runs in global memory on the GPU."""
+    monkeypatch.setenv("LLAMA_FAST_CPU_EIG", "jacobi")
+    M = with_spectrum(spectrum("spd", 130, rng), rng).float().unsqueeze(0)
+    evals, evecs = lf.sym_eig(M)
+    check_decomposition(M, evals, evecs, torch.float32)
+
+
+def test_leading_dims_and_non_contiguous(device, rng):
+    M = torch.stack([with_spectrum(spectrum("spd", 7, rng), rng) for _ in range(6)]).to(device)
+    M = M.reshape(2, 3, 7, 7).transpose(-1, -2)  # symmetric, so the same matrices
+    evals, evecs = lf.sym_eig(M)
+    assert evals.shape == (2, 3, 7) and evecs.shape == (2, 3, 7, 7)
+    check_decomposition(M.reshape(6, 7, 7), evals.reshape(6, 7), evecs.reshape(6, 7, 7), torch.float64)
+
+
+def test_gradcheck_float64(device, rng):
+    X = torch.randn(2, 5, 5, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+
+    def sign_invariant(X):
+        evals, evecs = lf.sym_eig(X + X.transpose(-1, -2))
+        return evals, evecs * evecs
+
+    assert torch.autograd.gradcheck(sign_invariant, (X,))
+
+
+def test_gradient_matches_torch_eigh(device, rng):
+    X = torch.randn(3, 6, 6, generator=rng, dtype=torch.float64).to(device)
+    X1 = X.clone().requires_grad_()
+    X2 = X.clone().requires_grad_()
+    weights = torch.randn(6, 6, generator=rng, dtype=torch.float64).to(device)
+    for fn, x in ((lf.sym_eig, X1), (torch.linalg.eigh, X2)):
+        w, Q = fn(x + x.transpose(-1, -2))
+        (w.sum() + ((Q * Q) * weights).sum()).backward()
+    torch.testing.assert_close(X1.grad, X2.grad)
+
+
+def test_opcheck(device, rng):
+    M = with_spectrum(spectrum("spd", 6, rng), rng).expand(2, 6, 6).contiguous().to(device)
+    opcheck(torch.ops.llama_fast.sym_eig.default, (M.float(),))
+    opcheck(torch.ops.llama_fast.sym_eig.default, (M.requires_grad_(),), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph(device, rng):
+    M = with_spectrum(spectrum("spd", 5, rng), rng).to(device)
+    compiled = torch.compile(lambda m: lf.sym_eig(m)[0].sum(), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(M), torch.linalg.eigvalsh(M).sum())
+
+
+def test_bad_input(device):
+    with pytest.raises(ValueError, match=r"\bM\b must have shape \[\.\.\., d, d\]"):
+        lf.sym_eig(torch.randn(3, 4, device=device))
+    with pytest.raises(ValueError, match=r"\bM\b must have shape"):
+        lf.sym_eig(torch.randn(4, device=device))
+    with pytest.raises(ValueError, match=r"\bM\b must be float32 or float64"):
+        lf.sym_eig(torch.eye(3, dtype=torch.long, device=device))
+    bad = torch.eye(3, device=device)
+    bad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"\bM\b contains NaN or Inf"):
+        lf.sym_eig(bad, check=True)
+    with pytest.raises(ValueError, match=r"\bM\b must be symmetric"):
+        lf.sym_eig(torch.tensor([[1.0, 2.0], [0.0, 1.0]], device=device), check=True)
+    with pytest.raises(RuntimeError, match="square"):
+        torch.ops.llama_fast.sym_eig(torch.randn(2, 3, device=device))
