@@ -9,10 +9,20 @@ from . import _extension
 _extension.load()
 
 from . import reference  # noqa: E402
+from .curvature import KronCurvature  # noqa: E402
 from .eig import sym_eig  # noqa: E402
 from .kfac import kfac_factors  # noqa: E402
 from .logdet import kron_logdet  # noqa: E402
+from .lowrank import LowRankFactor  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["kfac_factors", "kron_logdet", "sym_eig", "reference", "__version__"]
+__all__ = [
+    "KronCurvature",
+    "LowRankFactor",
+    "kfac_factors",
+    "kron_logdet",
+    "sym_eig",
+    "reference",
+    "__version__",
+]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _checks
+from .lowrank import LowRankFactor
 
 __all__ = ["kfac_factors"]
 
@@ -56,21 +57,24 @@ torch.library.register_autograd(
 )
 
 
-def _as_layer_lists(a, g):
-    """(a_list, g_list, single) from a tensor pair, two lists, or one list of (a, g) pairs."""
-    if isinstance(a, torch.Tensor):
+def _as_layer_lists(a, g, names=("a", "g")):
+    """(a_list, g_list, single) from a tensor pair, two lists, or one list of (a, g) pairs;
+    `names` are the caller's argument names, for error messages."""
+    na, ng = names
+    if isinstance(a, (torch.Tensor, LowRankFactor)):
         if not isinstance(g, torch.Tensor):
-            raise TypeError(f"g must be a torch.Tensor when a is one, got {type(g).__name__}")
+            raise TypeError(f"{ng} must be a torch.Tensor when {na} is one, got {type(g).__name__}")
         return [a], [g], True
     if not isinstance(a, Sequence):
-        raise TypeError(f"a must be a tensor, a list of tensors or a list of (a, g) pairs, got {type(a).__name__}")
+        raise TypeError(f"{na} must be a tensor, a list of tensors or a list of ({na}, {ng}) pairs, "
+                        f"got {type(a).__name__}")
     if g is None:
         pairs = list(a)
         if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
-            raise TypeError("a given without g must be a list of (a, g) pairs, one per layer")
+            raise TypeError(f"{na} given without {ng} must be a list of ({na}, {ng}) pairs, one per layer")
         return [p[0] for p in pairs], [p[1] for p in pairs], False
     if not isinstance(g, Sequence) or len(g) != len(a):
-        raise ValueError(f"g must be a list with one tensor per layer of a ({len(a)})")
+        raise ValueError(f"{ng} must be a list with one tensor per layer of {na} ({len(a)})")
     return list(a), list(g), False
 
 
@@ -103,7 +107,8 @@ def _scales(value, layers, name, rows=None) -> list[float]:
     return out
 
 
-def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finite=False):
+def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finite=False,
+                 low_rank=False):
     """Kronecker factors A and G of K-FAC for a batch of tasks.
 
     ``A = a_scale * abar^T abar`` with ``abar = [a, 1]`` when ``bias`` (the column of ones is
@@ -117,6 +122,9 @@ def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finit
         a_scale: scale of A; ``None`` means ``1/N`` of that layer (float or one per layer).
         g_scale: scale of G (float or one per layer).
         check_finite: raise ``ValueError`` if an input holds NaN or Inf (one host sync).
+        low_rank: hand over every A built from fewer rows than its width (N < i + bias) as a
+            :class:`~llama_fast.LowRankFactor` instead of a dense matrix; kron_logdet and
+            KronCurvature then take its eigenvalues from the N x N dual Gram matrix.
 
     Returns:
         ``(A, G)`` with ``A [T, i+bias, i+bias]`` and ``G [T, o, o]``; for list input, two
@@ -130,5 +138,11 @@ def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finit
     biases = [bool(b) for b in _checks.per_layer(bias, layers, "bias")]
     a_scales = _scales(a_scale, layers, "a_scale", rows=[x.shape[1] for x in a_list])
     g_scales = _scales(g_scale, layers, "g_scale")
-    A, G = torch.ops.llama_fast.kfac_factors(a_list, g_list, biases, a_scales, g_scales)
+    thin = [low_rank and x.shape[1] < x.shape[2] + b for x, b in zip(a_list, biases)]
+    # Low-rank layers still go through the grouped launch for G; their A slot gets a 1-row
+    # stand-in whose (tiny) result is discarded.
+    a_launch = [x[:, :1, :1] if t else x for x, t in zip(a_list, thin)]
+    A, G = torch.ops.llama_fast.kfac_factors(a_launch, g_list, biases, a_scales, g_scales)
+    A = [LowRankFactor(x, b, s) if t else A_l
+         for x, b, s, t, A_l in zip(a_list, biases, a_scales, thin, A)]
     return (A[0], G[0]) if single else (list(A), list(G))

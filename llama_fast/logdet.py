@@ -7,16 +7,11 @@ so the backward pass reuses them: ``dA = Q_A diag(w_A) Q_A^T`` with
 ``w_A[q] = sum_p s mu_p / (s mu_p lambda_q + delta)`` (no eigenvector derivatives).
 """
 
-import math
-
 import torch
 
-from . import _checks
-from .kfac import _as_layer_lists
+from .curvature import KronCurvature
 
 __all__ = ["kron_logdet"]
-
-MODES = ("exact",)
 
 
 @torch.library.register_fake("llama_fast::kron_logdet_from_eigs")
@@ -72,51 +67,13 @@ def _backward(ctx, d_logdet, *unused_eig_grads):
 torch.library.register_autograd("llama_fast::kron_logdet_exact", _backward, setup_context=_setup_context)
 
 
-def _damping_tensor(damping, tasks, like, check):
-    if isinstance(damping, torch.Tensor):
-        _checks.check_tensor(damping, "damping")
-        if damping.dim() == 0:
-            damping = damping.expand(tasks)
-        if damping.shape != (tasks,):
-            raise ValueError(f"damping must be a float or a tensor of shape [T={tasks}], got {tuple(damping.shape)}")
-        if damping.dtype != like.dtype or damping.device != like.device:
-            raise ValueError(f"damping must have the factors' dtype {like.dtype} and device {like.device}, "
-                             f"got {damping.dtype} on {damping.device}")
-        if check and not bool((damping > 0).all() & torch.isfinite(damping).all()):
-            raise ValueError("damping must be positive and finite")
-        return damping
-    value = float(damping)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"damping must be positive and finite, got {value}")
-    return torch.full((tasks,), value, dtype=like.dtype, device=like.device)
-
-
-def _check_factors(A_list, G_list, check):
-    names, tensors = [], []
-    T = A_list[0].shape[0] if A_list[0].dim() == 3 else None
-    for l, (A, G) in enumerate(zip(A_list, G_list)):
-        for x, kind in ((A, "A"), (G, "G")):
-            name = f"{kind}[{l}]" if len(A_list) > 1 else kind
-            _checks.check_tensor(x, name, ndim=3)
-            if x.shape[1] != x.shape[2]:
-                raise ValueError(f"{name} must be square [T, d, d], got {tuple(x.shape)}")
-            if x.shape[0] != T:
-                raise ValueError(f"{name} has T={x.shape[0]} tasks but {names[0] if names else 'A'} has T={T}")
-            if check:
-                _checks.check_finite(x, name)
-                _checks.check_symmetric(x, name)
-            names.append(name)
-            tensors.append(x)
-    _checks.check_same(tensors, names)
-    return T
-
-
 def kron_logdet(A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False):
     """Per-task ``log det(s * G (x) A + delta * I)``, summed over layers.
 
     Args:
         A, G: Kronecker factors ``[T, a, a]`` and ``[T, g, g]`` (symmetric PSD), or lists of
-            them (one per layer), or ``A`` a list of ``(A, G)`` pairs.
+            them (one per layer), or ``A`` a list of ``(A, G)`` pairs. An ``A`` may be a
+            :class:`~llama_fast.LowRankFactor` (``kfac_factors(..., low_rank=True)``).
         damping: ``delta > 0``, the prior precision: a float or a per-task tensor ``[T]``.
         scale: ``s``, the likelihood scale (temperature).
         mode: "exact" (the eigenvalue form above).
@@ -125,14 +82,4 @@ def kron_logdet(A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False)
     Returns:
         ``[T]``, differentiable with respect to A, G and a damping tensor (no double backward).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    A_list, G_list, _ = _as_layer_lists(A, G)
-    if not A_list:
-        raise ValueError("kron_logdet needs at least one layer")
-    T = _check_factors(A_list, G_list, check)
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be positive and finite, got {scale}")
-    delta = _damping_tensor(damping, T, A_list[0], check)
-    return torch.ops.llama_fast.kron_logdet_exact(A_list, G_list, delta, scale)[0]
+    return KronCurvature(A, G, damping=damping, scale=scale, mode=mode, check=check).logdet()
