@@ -25,4 +25,7 @@ TORCH_LIBRARY(llama_fast, m) {
   m.def(
       "kron_logdet_weights(Tensor[] evals_A, Tensor[] evals_G, Tensor damping, float scale)"
       " -> (Tensor[] w_A, Tensor[] w_G, Tensor w_damping)");
+  // Batched Cholesky factorisation of SPD M [..., d, d] with log det M = 2 sum log diag(L);
+  // info is 0 or the first non-positive pivot + 1 (logdet NaN there), never an exception.
+  m.def("chol_logdet(Tensor M) -> (Tensor logdet, Tensor L, Tensor info)");
 }

@@ -9,6 +9,7 @@ from . import _extension
 _extension.load()
 
 from . import reference  # noqa: E402
+from .chol import chol_logdet  # noqa: E402
 from .curvature import KronCurvature  # noqa: E402
 from .eig import sym_eig  # noqa: E402
 from .kfac import kfac_factors  # noqa: E402
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KronCurvature",
     "LowRankFactor",
+    "chol_logdet",
     "kfac_factors",
     "kron_logdet",
     "sym_eig",

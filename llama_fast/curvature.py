@@ -68,6 +68,20 @@ def _check_factors(A_list, G_list, check):
     return T
 
 
+def prepare_factors(A, G, damping, scale, check):
+    """Validated layer lists, task count, per-task damping tensor and scale (shared by every
+    log-det mode)."""
+    A_list, G_list, _ = _as_layer_lists(A, G, names=("A", "G"))
+    if not A_list:
+        raise ValueError("kron_logdet needs at least one layer")
+    tasks = _check_factors(A_list, G_list, check)
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    like = A_list[0].rows if isinstance(A_list[0], LowRankFactor) else A_list[0]
+    return A_list, G_list, tasks, _damping_tensor(damping, tasks, like, check), scale
+
+
 class KronCurvature:
     """K-FAC curvature ``H_l = s * (G_l (x) A_l) + delta * I`` of every layer of T tasks.
 
@@ -87,16 +101,9 @@ class KronCurvature:
 
     def __init__(self, A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        A_list, G_list, _ = _as_layer_lists(A, G, names=("A", "G"))
-        if not A_list:
-            raise ValueError("KronCurvature needs at least one layer")
-        self.tasks = _check_factors(A_list, G_list, check)
-        self.scale = float(scale)
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale must be positive and finite, got {scale}")
-        like = A_list[0].rows if isinstance(A_list[0], LowRankFactor) else A_list[0]
-        self.damping = _damping_tensor(damping, self.tasks, like, check)
+            raise ValueError(f"KronCurvature supports mode {MODES}, got {mode!r} "
+                             "(kron_logdet also has mode='factored')")
+        A_list, G_list, self.tasks, self.damping, self.scale = prepare_factors(A, G, damping, scale, check)
         self.factors_A, self.factors_G = A_list, G_list
         dense_A = [x.dual() if isinstance(x, LowRankFactor) else x for x in A_list]
         out = torch.ops.llama_fast.kron_logdet_exact(dense_A, G_list, self.damping, self.scale)

@@ -9,9 +9,13 @@ so the backward pass reuses them: ``dA = Q_A diag(w_A) Q_A^T`` with
 
 import torch
 
-from .curvature import KronCurvature
+from .chol import chol_logdet
+from .curvature import KronCurvature, prepare_factors
+from .lowrank import LowRankFactor
 
 __all__ = ["kron_logdet"]
+
+MODES = ("exact", "factored")
 
 
 @torch.library.register_fake("llama_fast::kron_logdet_from_eigs")
@@ -67,6 +71,30 @@ def _backward(ctx, d_logdet, *unused_eig_grads):
 torch.library.register_autograd("llama_fast::kron_logdet_exact", _backward, setup_context=_setup_context)
 
 
+def factored_damping(A, sG, delta):
+    """Martens & Grosse's pi-damped factors: A + sqrt(delta)/pi I and s G + pi sqrt(delta) I,
+    with pi = sqrt((tr A / dim A) / (tr sG / dim G)) per task (1 where a trace is 0)."""
+    mean_A = A.diagonal(dim1=-2, dim2=-1).mean(-1)
+    mean_G = sG.diagonal(dim1=-2, dim2=-1).mean(-1)
+    ok = (mean_A > 0) & (mean_G > 0)
+    pi = torch.where(ok, torch.sqrt(mean_A.clamp_min(1e-300) / mean_G.clamp_min(1e-300)), torch.ones_like(mean_A))
+    root = torch.sqrt(delta)
+    eye_A = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    eye_G = torch.eye(sG.shape[-1], dtype=A.dtype, device=A.device)
+    return A + (root / pi)[:, None, None] * eye_A, sG + (pi * root)[:, None, None] * eye_G
+
+
+def _factored_logdet(A_list, G_list, delta, scale):
+    """sum_l log det((sG + pi sqrt(delta) I) (x) (A + sqrt(delta)/pi I))
+    = sum_l dim G * log det(A_damped) + dim A * log det(G_damped), by batched Cholesky."""
+    total = 0
+    for A, G in zip(A_list, G_list):
+        A = A.dense() if isinstance(A, LowRankFactor) else A
+        A_damped, G_damped = factored_damping(A, scale * G, delta)
+        total = total + G.shape[-1] * chol_logdet(A_damped) + A.shape[-1] * chol_logdet(G_damped)
+    return total
+
+
 def kron_logdet(A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False):
     """Per-task ``log det(s * G (x) A + delta * I)``, summed over layers.
 
@@ -76,10 +104,18 @@ def kron_logdet(A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False)
             :class:`~llama_fast.LowRankFactor` (``kfac_factors(..., low_rank=True)``).
         damping: ``delta > 0``, the prior precision: a float or a per-task tensor ``[T]``.
         scale: ``s``, the likelihood scale (temperature).
-        mode: "exact" (the eigenvalue form above).
+        mode: "exact" (the eigenvalue form above) or "factored": Martens & Grosse's
+            pi-damping, ``log det((sG + pi sqrt(delta) I) (x) (A + sqrt(delta)/pi I))`` with
+            ``pi = sqrt((tr A / dim A) / (tr sG / dim G))``, by batched Cholesky (a low-rank
+            ``A`` is materialised there).
         check: validate symmetry, finiteness and (for tensor damping) positivity; syncs.
 
     Returns:
         ``[T]``, differentiable with respect to A, G and a damping tensor (no double backward).
     """
-    return KronCurvature(A, G, damping=damping, scale=scale, mode=mode, check=check).logdet()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "exact":
+        return KronCurvature(A, G, damping=damping, scale=scale, check=check).logdet()
+    A_list, G_list, _, delta, scale = prepare_factors(A, G, damping, scale, check)
+    return _factored_logdet(A_list, G_list, delta, scale)

@@ -6,7 +6,7 @@ plainest way torch allows, and takes the same arguments.
 
 import torch
 
-__all__ = ["kfac_factors", "sym_eig", "kron_logdet", "kron_logdet_dense"]
+__all__ = ["kfac_factors", "sym_eig", "kron_logdet", "kron_logdet_dense", "chol_logdet"]
 
 
 def _layer_factors(a, g, bias, a_scale, g_scale):
@@ -56,13 +56,36 @@ def _damping(damping, T, like):
     return torch.full((T,), float(damping), dtype=like.dtype, device=like.device)
 
 
+def _cholesky_logdet(M):
+    return 2 * torch.linalg.cholesky(M).diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def _factored(A_list, G_list, delta, scale):
+    total = 0
+    for A, G in zip(A_list, G_list):
+        sG = scale * G
+        mean_A = A.diagonal(dim1=-2, dim2=-1).mean(-1)
+        mean_G = sG.diagonal(dim1=-2, dim2=-1).mean(-1)
+        pi = torch.sqrt(mean_A / mean_G)
+        eye_A = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        eye_G = torch.eye(G.shape[-1], dtype=A.dtype, device=A.device)
+        A_damped = A + (delta.sqrt() / pi)[:, None, None] * eye_A
+        G_damped = sG + (pi * delta.sqrt())[:, None, None] * eye_G
+        total = total + G.shape[-1] * _cholesky_logdet(A_damped) + A.shape[-1] * _cholesky_logdet(G_damped)
+    return total
+
+
 def kron_logdet(A, G=None, damping=1.0, scale=1.0, mode="exact"):
-    """sum_l sum_{p,q} log(s * mu_p * lambda_q + delta) with eigenvalues from torch.linalg.eigvalsh
-    (negative round-off eigenvalues clamped to 0), differentiable through torch's eigh."""
-    if mode != "exact":
-        raise ValueError(f"unsupported mode {mode!r}")
+    """"exact": sum_l sum_{p,q} log(s * mu_p * lambda_q + delta) with eigenvalues from
+    torch.linalg.eigvalsh (negative round-off eigenvalues clamped to 0), differentiable through
+    torch's eigh. "factored": Martens & Grosse's pi-damped Kronecker factors, by
+    torch.linalg.cholesky."""
     A_list, G_list = _layers(A, G)
     delta = _damping(damping, A_list[0].shape[0], A_list[0])
+    if mode == "factored":
+        return _factored(A_list, G_list, delta, scale)
+    if mode != "exact":
+        raise ValueError(f"unsupported mode {mode!r}")
     total = 0
     for A_l, G_l in zip(A_list, G_list):
         lam = torch.linalg.eigvalsh(A_l).clamp_min(0)
@@ -79,3 +102,8 @@ def kron_logdet_dense(A, G, damping=1.0, scale=1.0):
     eye = torch.eye(A.shape[-1] * G.shape[-1], dtype=A.dtype, device=A.device)
     H = torch.stack([scale * torch.kron(G[t], A[t]) + delta[t] * eye for t in range(A.shape[0])])
     return torch.linalg.slogdet(H).logabsdet
+
+
+def chol_logdet(M):
+    """log det of SPD matrices via torch.linalg.cholesky."""
+    return _cholesky_logdet(M)

@@ -14,6 +14,14 @@ def psd_factors(T, d, rows, rng, dtype=torch.float64, device="cpu"):
     return (x.transpose(1, 2) @ x / rows).to(device)
 
 
+def conv4_like_factors(rng, dtype, device):
+    """Conv-4-like layer sizes (a, g, rows), T=4, and a per-task damping tensor."""
+    sizes = [(10, 64, 300), (65, 64, 40), (65, 5, 5)]
+    A = [psd_factors(4, a, r, rng, dtype, device) for a, _, r in sizes]
+    G = [psd_factors(4, g, r, rng, dtype, device) for _, g, r in sizes]
+    return A, G, torch.tensor([0.01, 0.1, 1.0, 3.0], dtype=dtype, device=device)
+
+
 @pytest.mark.parametrize("damping", [1e-3, 0.1, 10.0])
 @pytest.mark.parametrize("a,g,rows", [(1, 1, 1), (3, 2, 5), (7, 4, 2), (5, 6, 40)])
 def test_matches_dense_definition(device, a, g, rows, damping, rng):
@@ -27,10 +35,7 @@ def test_matches_dense_definition(device, a, g, rows, damping, rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_layer_lists_match_reference(device, dtype, rng):
     """Conv-4-like layer sizes, T=4, per-task damping tensor, float32 to 1e-5 relative."""
-    sizes = [(10, 64, 300), (65, 64, 40), (65, 5, 5)]
-    A = [psd_factors(4, a, r, rng, dtype, device) for a, _, r in sizes]
-    G = [psd_factors(4, g, r, rng, dtype, device) for _, g, r in sizes]
-    damping = torch.tensor([0.01, 0.1, 1.0, 3.0], dtype=dtype, device=device)
+    A, G, damping = conv4_like_factors(rng, dtype, device)
     ld = lf.kron_logdet(A, G, damping=damping, scale=2.0)
     expected = reference.kron_logdet([x.double() for x in A], [y.double() for y in G],
                                      damping=damping.double(), scale=2.0)
@@ -113,3 +118,48 @@ def test_bad_input(device, rng):
         lf.kron_logdet(A, G, damping=1.0, mode="sqrt")
     with pytest.raises(ValueError, match="scale must be positive"):
         lf.kron_logdet(A, G, damping=1.0, scale=0.0)
+
+
+# ---- factored mode ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factored_matches_reference(device, dtype, rng):
+    A, G, damping = conv4_like_factors(rng, dtype, device)
+    ld = lf.kron_logdet(A, G, damping=damping, scale=2.0, mode="factored")
+    expected = reference.kron_logdet([x.double() for x in A], [y.double() for y in G],
+                                     damping=damping.double(), scale=2.0, mode="factored")
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(ld.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_factored_is_the_pi_damped_kronecker_product(device, rng):
+    """Against the definition: logdet of the Kronecker product of the damped factors."""
+    A = psd_factors(2, 3, 5, rng, device=device)
+    G = psd_factors(2, 2, 5, rng, device=device)
+    delta, s = 0.3, 1.5
+    ld = lf.kron_logdet(A, G, damping=delta, scale=s, mode="factored")
+    for t in range(2):
+        pi = torch.sqrt((A[t].trace() / 3) / (s * G[t].trace() / 2))
+        big = torch.kron(s * G[t] + pi * delta ** 0.5 * torch.eye(2, dtype=A.dtype, device=device),
+                         A[t] + delta ** 0.5 / pi * torch.eye(3, dtype=A.dtype, device=device))
+        torch.testing.assert_close(ld[t], torch.linalg.slogdet(big).logabsdet)
+
+
+def test_factored_gradcheck(device, rng):
+    A = psd_factors(2, 4, 6, rng, device=device).requires_grad_()
+    G = psd_factors(2, 3, 6, rng, device=device).requires_grad_()
+    damping = torch.tensor([0.3, 1.5], dtype=torch.float64, device=device, requires_grad=True)
+
+    def logdet(A, G, damping):
+        return lf.kron_logdet(0.5 * (A + A.mT), 0.5 * (G + G.mT), damping=damping, scale=1.3, mode="factored")
+
+    assert torch.autograd.gradcheck(logdet, (A, G, damping))
+
+
+def test_factored_accepts_low_rank_factors(device, rng):
+    a = torch.randn(2, 3, 12, generator=rng, dtype=torch.float64).to(device)
+    g = torch.randn(2, 6, 4, generator=rng, dtype=torch.float64).to(device)
+    A_low, G = lf.kfac_factors(a, g, low_rank=True)
+    A_dense, _ = lf.kfac_factors(a, g)
+    torch.testing.assert_close(lf.kron_logdet(A_low, G, damping=0.2, mode="factored"),
+                               lf.kron_logdet(A_dense, G, damping=0.2, mode="factored"))

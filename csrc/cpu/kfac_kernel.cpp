@@ -89,6 +89,17 @@ struct TileWorkspace {
   }
 };
 
+// Packs rows [r0, r0 + kr) of the tile's two column panels into ws.P and ws.Q and returns the
+// Q panel; a diagonal tile has one panel, P serves as Q.
+template <typename T>
+const T* pack_tile_panels(const T* x_task, const GramProblem& p, const TileTask& w, int64_t r0,
+                          int64_t kr, int64_t edge, TileWorkspace<T>& ws) {
+  pack_panel(x_task, p, r0, kr, w.tile_i * edge, edge, ws.P.data());
+  if (w.tile_i == w.tile_j) return ws.P.data();
+  pack_panel(x_task, p, r0, kr, w.tile_j * edge, edge, ws.Q.data());
+  return ws.Q.data();
+}
+
 // Extent of a tile inside the matrix, rounded up to whole micro-tiles.
 struct TileExtent {
   int64_t rows;  // micro-tile rows needed (multiple of kRM)
@@ -127,12 +138,7 @@ void compute_tile_one_pass(const GramProblem& p, const TileTask& w, TileWorkspac
   using acc_t = at::opmath_type<T>;
   const int64_t edge = tile_edge(p);
   const bool diagonal = w.tile_i == w.tile_j;
-  pack_panel(x_task, p, 0, p.rows, w.tile_i * edge, edge, ws.P.data());
-  const T* Q = ws.P.data();
-  if (!diagonal) {
-    pack_panel(x_task, p, 0, p.rows, w.tile_j * edge, edge, ws.Q.data());
-    Q = ws.Q.data();
-  }
+  const T* Q = pack_tile_panels(x_task, p, w, 0, p.rows, edge, ws);
   const TileExtent ext = tile_extent(p, w, edge);
   for (int64_t mb = 0; mb < ext.rows; mb += kRM) {
     for (int64_t nb = 0; nb < ext.cols; nb += kRN) {
@@ -155,12 +161,7 @@ void compute_tile_chunked(const GramProblem& p, const TileTask& w, TileWorkspace
   std::fill(ws.C.begin(), ws.C.begin() + edge * edge, acc_t(0));
   for (int64_t r0 = 0; r0 < p.rows; r0 += kRowChunk) {
     const int64_t kr = std::min(kRowChunk, p.rows - r0);
-    pack_panel(x_task, p, r0, kr, w.tile_i * edge, edge, ws.P.data());
-    const T* Q = ws.P.data();
-    if (!diagonal) {
-      pack_panel(x_task, p, r0, kr, w.tile_j * edge, edge, ws.Q.data());
-      Q = ws.Q.data();
-    }
+    const T* Q = pack_tile_panels(x_task, p, w, r0, kr, edge, ws);
     for (int64_t mb = 0; mb < ext.rows; mb += kRM) {
       for (int64_t nb = 0; nb < ext.cols; nb += kRN) {
         if (below_diagonal(diagonal, mb, nb)) continue;

@@ -41,17 +41,32 @@ struct KronBatch {
   KronReduction what;
 };
 
+// The eigenvalues and damping of the (layer, task) that this block owns.
+template <typename T>
+struct BlockEigs {
+  const KronLayer& layer;
+  int64_t task;
+  const T* lambda;  // eigenvalues of A, [a]
+  const T* mu;      // eigenvalues of G, [g]
+  at::opmath_type<T> delta;
+};
+
+template <typename T>
+__device__ BlockEigs<T> block_eigs(const KronBatch& batch) {
+  const KronLayer& layer = batch.layers[blockIdx.x / batch.tasks];
+  const int64_t t = blockIdx.x % batch.tasks;
+  return {layer, t, static_cast<const T*>(layer.evals_A) + t * layer.a,
+          static_cast<const T*>(layer.evals_G) + t * layer.g, static_cast<const T*>(batch.damping)[t]};
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) reduce_pairs_kernel(const __grid_constant__ KronBatch batch) {
   using acc_t = at::opmath_type<T>;
-  const int64_t l = blockIdx.x / batch.tasks, t = blockIdx.x % batch.tasks;
-  const KronLayer& layer = batch.layers[l];
-  const T* lambda = static_cast<const T*>(layer.evals_A) + t * layer.a;
-  const T* mu = static_cast<const T*>(layer.evals_G) + t * layer.g;
-  const acc_t delta = static_cast<const T*>(batch.damping)[t];
+  const BlockEigs<T> e = block_eigs<T>(batch);
+  const KronLayer& layer = e.layer;
   acc_t local = 0;
-  for (int64_t e = threadIdx.x; e < layer.a * layer.g; e += kThreads)
-    local += kron_term<acc_t>(batch.what, mu[e / layer.a], lambda[e % layer.a], batch.scale, delta);
+  for (int64_t k = threadIdx.x; k < layer.a * layer.g; k += kThreads)
+    local += kron_term<acc_t>(batch.what, e.mu[k / layer.a], e.lambda[k % layer.a], batch.scale, e.delta);
   const acc_t total = block_sum<kThreads>(local);
   if (threadIdx.x == 0) static_cast<T*>(batch.partial)[blockIdx.x] = static_cast<T>(total);
 }
@@ -59,17 +74,14 @@ __global__ void __launch_bounds__(kThreads) reduce_pairs_kernel(const __grid_con
 template <typename T>
 __global__ void __launch_bounds__(kThreads) weights_kernel(const __grid_constant__ KronBatch batch) {
   using acc_t = at::opmath_type<T>;
-  const int64_t l = blockIdx.x / batch.tasks, t = blockIdx.x % batch.tasks;
-  const KronLayer& layer = batch.layers[l];
-  const T* lambda = static_cast<const T*>(layer.evals_A) + t * layer.a;
-  const T* mu = static_cast<const T*>(layer.evals_G) + t * layer.g;
-  const acc_t delta = static_cast<const T*>(batch.damping)[t];
-  T* w_A = static_cast<T*>(layer.w_A) + t * layer.a;
-  T* w_G = static_cast<T*>(layer.w_G) + t * layer.g;
+  const BlockEigs<T> e = block_eigs<T>(batch);
+  const KronLayer& layer = e.layer;
+  T* w_A = static_cast<T*>(layer.w_A) + e.task * layer.a;
+  T* w_G = static_cast<T*>(layer.w_G) + e.task * layer.g;
   for (int64_t q = threadIdx.x; q < layer.a; q += kThreads)
-    w_A[q] = static_cast<T>(kron_weight<acc_t>(lambda[q], mu, layer.g, batch.scale, delta));
+    w_A[q] = static_cast<T>(kron_weight<acc_t>(e.lambda[q], e.mu, layer.g, batch.scale, e.delta));
   for (int64_t p = threadIdx.x; p < layer.g; p += kThreads)
-    w_G[p] = static_cast<T>(kron_weight<acc_t>(mu[p], lambda, layer.a, batch.scale, delta));
+    w_G[p] = static_cast<T>(kron_weight<acc_t>(e.mu[p], e.lambda, layer.a, batch.scale, e.delta));
 }
 
 // Runs `kernel` over every (layer, task) in launches of at most kMaxLayers layers; returns

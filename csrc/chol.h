@@ -1,0 +1,22 @@
+// chol_logdet op family: argument checks shared by the CPU and CUDA kernels
+// (cpu/chol_kernel.cpp, cuda/chol_kernel.cu).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace llama_fast {
+
+// (logdet [...], L [..., d, d] lower triangular, info [...] int32: 0, or j+1 for the first
+// non-positive pivot j, as LAPACK's potrf).
+using CholOutput = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// M must be [..., d, d] square, float32/float64.
+void check_chol_input(const at::Tensor& M);
+
+// The op's outputs from the factorised flat batch L [B, d, d] (lower triangle valid) and info:
+// L made triangular, log det = 2 * sum log diag(L) (NaN where info != 0), M's leading dims.
+CholOutput chol_output(const at::Tensor& M, const at::Tensor& L, const at::Tensor& info);
+
+}  // namespace llama_fast
