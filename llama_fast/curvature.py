@@ -40,28 +40,26 @@ def _damping_tensor(damping, tasks, like, check):
 
 
 def _check_factors(A_list, G_list, check):
+    """Each factor a [T, d, d] float tensor (an A may be a LowRankFactor: its rows are checked),
+    all with one T, dtype and device; with `check`, finite and symmetric. Returns T."""
     names, tensors = [], []
-    T = A_list[0].shape[0]
+    T = None
     for l, (A, G) in enumerate(zip(A_list, G_list)):
         for x, kind in ((A, "A"), (G, "G")):
             name = f"{kind}[{l}]" if len(A_list) > 1 else kind
-            if isinstance(x, LowRankFactor) and kind == "A":
-                x = _checks.check_tensor(x.rows, f"{name}.rows", ndim=3)
-                if check:
-                    _checks.check_finite(x, f"{name}.rows")
-                names.append(f"{name}.rows")
-                tensors.append(x)
-                if x.shape[0] != T:
-                    raise ValueError(f"{name} has T={x.shape[0]} tasks but {names[0]} has T={T}")
-                continue
+            low_rank = isinstance(x, LowRankFactor) and kind == "A"
+            if low_rank:
+                x, name = x.rows, f"{name}.rows"
             _checks.check_tensor(x, name, ndim=3)
-            if x.shape[1] != x.shape[2]:
+            if not low_rank and x.shape[1] != x.shape[2]:
                 raise ValueError(f"{name} must be square [T, d, d], got {tuple(x.shape)}")
+            T = x.shape[0] if T is None else T
             if x.shape[0] != T:
-                raise ValueError(f"{name} has T={x.shape[0]} tasks but {names[0] if names else 'A'} has T={T}")
+                raise ValueError(f"{name} has T={x.shape[0]} tasks but {names[0]} has T={T}")
             if check:
                 _checks.check_finite(x, name)
-                _checks.check_symmetric(x, name)
+                if not low_rank:
+                    _checks.check_symmetric(x, name)
             names.append(name)
             tensors.append(x)
     _checks.check_same(tensors, names)

@@ -9,23 +9,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "../chol.h"
 #include "../chol_common.h"
+#include "path_choice.h"
 
 namespace llama_fast {
 namespace {
-
-bool use_portable() {
-  const char* env = std::getenv("LLAMA_FAST_CPU_CHOL");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0 || std::strcmp(env, "lapack") == 0)
-    return false;
-  TORCH_CHECK(std::strcmp(env, "portable") == 0,
-              "LLAMA_FAST_CPU_CHOL must be auto, portable or lapack, got '", env, "'");
-  return true;
-}
 
 // Factorises one matrix in place (lower triangle); returns 0 or the failing pivot + 1.
 template <typename T>
@@ -55,7 +44,7 @@ CholOutput chol_logdet_cpu(const at::Tensor& M) {
   at::Tensor L = M.reshape({-1, d, d}).contiguous().clone();
   at::Tensor info = at::zeros({L.size(0)}, L.options().dtype(at::kInt));
   if (L.numel() > 0) {
-    if (use_portable()) {
+    if (cpu_path_from_env("LLAMA_FAST_CPU_CHOL", "portable", "lapack") == CpuPath::kFirst) {
       AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "chol_logdet_cpu",
                                  [&] { portable_batch<scalar_t>(L, info); });
     } else {

@@ -10,14 +10,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "../eig.h"
 #include "../eig_common.h"
+#include "path_choice.h"
 
 namespace llama_fast {
 namespace {
@@ -74,14 +73,6 @@ int jacobi_eig(const T* M, int64_t d, T* evals, T* evecs) {
   return converged ? 0 : 1;
 }
 
-bool use_jacobi() {
-  const char* env = std::getenv("LLAMA_FAST_CPU_EIG");
-  if (env == nullptr || *env == 0 || std::strcmp(env, "auto") == 0) return false;
-  if (std::strcmp(env, "jacobi") == 0) return true;
-  if (std::strcmp(env, "lapack") == 0) return false;
-  TORCH_CHECK(false, "LLAMA_FAST_CPU_EIG must be auto, jacobi or lapack, got '", env, "'");
-}
-
 // LAPACK on the whole batch; if it reports a failure, matrix by matrix to set each info.
 void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info) {
   try {
@@ -121,7 +112,7 @@ SymEigOutput sym_eig_cpu(const at::Tensor& M) {
   at::Tensor evecs = at::empty({batch, d, d}, flat.options());
   at::Tensor info = at::zeros({batch}, flat.options().dtype(at::kInt));
   if (batch > 0 && d > 0) {
-    if (use_jacobi()) {
+    if (cpu_path_from_env("LLAMA_FAST_CPU_EIG", "jacobi", "lapack") == CpuPath::kFirst) {
       AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "sym_eig_cpu",
                                  [&] { jacobi_batch<scalar_t>(flat, evals, evecs, info); });
     } else {

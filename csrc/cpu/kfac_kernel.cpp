@@ -14,12 +14,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../gram_common.h"
 #include "../kfac.h"
+#include "path_choice.h"
 
 namespace llama_fast {
 namespace {
@@ -289,16 +288,6 @@ void gram_blas(const std::vector<GramProblem>& problems, const std::vector<at::T
 
 // ---- path choice --------------------------------------------------------------------------
 
-enum class GramPath { kAuto, kPortable, kBlas };
-
-GramPath forced_path() {
-  const char* env = std::getenv("LLAMA_FAST_CPU_GRAM");
-  if (env == nullptr || std::strcmp(env, "auto") == 0 || *env == 0) return GramPath::kAuto;
-  if (std::strcmp(env, "portable") == 0) return GramPath::kPortable;
-  if (std::strcmp(env, "blas") == 0) return GramPath::kBlas;
-  TORCH_CHECK(false, "LLAMA_FAST_CPU_GRAM must be auto, portable or blas, got '", env, "'");
-}
-
 // Portable pays off only where the fixed cost of the BLAS path (a batched gemm, a temporary
 // and a finishing pass per problem, ~20 us) outweighs its faster arithmetic: tiny problems
 // such as the sinusoid MLP at T=4 (measured on 2 cores, see benchmarks/RESULTS.md).
@@ -310,13 +299,13 @@ bool prefers_portable(const GramProblem& p) {
 // Problems are A then G of each layer, in the order of plan.A / plan.G and the inputs.
 template <typename T>
 void gram_grouped_cpu(const KfacPlan& plan, at::TensorList a, at::TensorList g) {
-  const GramPath path = forced_path();
+  const CpuPath path = cpu_path_from_env("LLAMA_FAST_CPU_GRAM", "portable", "blas");
   std::vector<GramProblem> portable, blas;
   std::vector<at::Tensor> blas_inputs;
   for (size_t i = 0; i < plan.problems.size(); ++i) {
     const GramProblem& p = plan.problems[i];
     const bool use_portable =
-        path == GramPath::kPortable || (path == GramPath::kAuto && prefers_portable(p));
+        path == CpuPath::kFirst || (path == CpuPath::kAuto && prefers_portable(p));
     if (use_portable) {
       portable.push_back(p);
     } else {
