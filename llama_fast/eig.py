@@ -2,6 +2,7 @@
 
 The compiled op torch.ops.llama_fast.sym_eig also returns an info tensor (0: converged,
 1: not converged) instead of raising inside the kernel, so CUDA calls never sync the host.
+Its gradient (torch.linalg.eigh's formula) is registered in C++: csrc/eig_autograd.cpp.
 """
 
 import torch
@@ -18,33 +19,6 @@ def _sym_eig_fake(M):
         M.new_empty(M.shape),
         M.new_empty(M.shape[:-2], dtype=torch.int32),
     )
-
-
-def eigh_input_grad(evals, evecs, d_evals, d_evecs):
-    """Gradient of (evals, evecs) = eigh(M) with respect to symmetric M (as torch's eigh)."""
-    inner = torch.zeros_like(evecs)
-    if d_evecs is not None:
-        proj = evecs.transpose(-1, -2) @ d_evecs
-        gap = evals.unsqueeze(-2) - evals.unsqueeze(-1)  # gap[i, j] = w_j - w_i
-        gap.diagonal(dim1=-2, dim2=-1).fill_(1)
-        inner = 0.5 * (proj - proj.transpose(-1, -2)) / gap
-        inner.diagonal(dim1=-2, dim2=-1).zero_()
-    if d_evals is not None:
-        inner = inner + torch.diag_embed(d_evals)
-    return evecs @ inner @ evecs.transpose(-1, -2)
-
-
-def _setup_context(ctx, inputs, output):
-    evals, evecs, _ = output
-    ctx.save_for_backward(evals, evecs)
-
-
-def _backward(ctx, d_evals, d_evecs, _d_info):
-    evals, evecs = ctx.saved_tensors
-    return eigh_input_grad(evals, evecs, d_evals, d_evecs)
-
-
-torch.library.register_autograd("llama_fast::sym_eig", _backward, setup_context=_setup_context)
 
 
 def sym_eig(M: torch.Tensor, *, check: bool = False):

@@ -1,8 +1,9 @@
 """kfac_factors: batched Kronecker factors of every K-FAC layer of every task in one op call.
 
 The compiled op is torch.ops.llama_fast.kfac_factors (a grouped kernel over a list of
-layers); this module adds its fake (meta) implementation for torch.compile, its autograd
-formula and the user-facing wrapper with argument checking.
+layers, its autograd formula registered in C++: csrc/kfac_autograd.cpp); this module adds its
+fake (meta) implementation for torch.compile and the user-facing wrapper with argument
+checking.
 """
 
 import math
@@ -23,38 +24,7 @@ def _kfac_factors_fake(a, g, bias, a_scale, g_scale):
     return A, G
 
 
-def gram_input_grad(x, d_out, ones: bool, scale: float):
-    """Gradient of out = scale * xbar^T xbar (xbar = [x, 1] if ones) with respect to x."""
-    if d_out is None:
-        return None
-    sym = d_out + d_out.transpose(-1, -2)
-    cols = x.shape[-1]
-    dx = x @ sym[..., :cols, :cols]
-    if ones:
-        # The column of ones is not an input; its cross terms still reach every row of x.
-        dx = dx + sym[..., cols:, :cols]
-    return scale * dx
-
-
-def _setup_context(ctx, inputs, output):
-    a, g, bias, a_scale, g_scale = inputs
-    ctx.layers = len(a)
-    ctx.settings = (list(bias), list(a_scale), list(g_scale))
-    ctx.save_for_backward(*a, *g)
-
-
-def _backward(ctx, dA, dG):
-    saved = ctx.saved_tensors
-    a, g = saved[: ctx.layers], saved[ctx.layers :]
-    bias, a_scale, g_scale = ctx.settings
-    da = [gram_input_grad(x, d, b, s) for x, d, b, s in zip(a, dA, bias, a_scale)]
-    dg = [gram_input_grad(y, d, False, s) for y, d, s in zip(g, dG, g_scale)]
-    return da, dg, None, None, None
-
-
-torch.library.register_autograd(
-    "llama_fast::kfac_factors", _backward, setup_context=_setup_context
-)
+_KFAC_OP = torch.ops.llama_fast.kfac_factors.default
 
 
 def _as_layer_lists(a, g, names=("a", "g")):
@@ -133,16 +103,32 @@ def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finit
     a_list, g_list, single = _as_layer_lists(a, g)
     if not a_list:
         return [], []
-    _check_layers(a_list, g_list, check_finite)
+    if check_finite:
+        _check_layers(a_list, g_list, check_finite)
+    try:
+        A, G = _grouped_factors(a_list, g_list, bias, a_scale, g_scale, low_rank)
+    except (RuntimeError, TypeError, AttributeError, IndexError, ZeroDivisionError):
+        # The op checks its arguments too (in C++, without the cost of Python checks on
+        # every call); on failure, name the offending argument the Python way.
+        _check_layers(a_list, g_list, False)
+        raise
+    return (A[0], G[0]) if single else (A, G)
+
+
+def _grouped_factors(a_list, g_list, bias, a_scale, g_scale, low_rank):
+    """One grouped op call for all layers; low-rank A's come back as LowRankFactor."""
     layers = len(a_list)
     biases = [bool(b) for b in _checks.per_layer(bias, layers, "bias")]
     a_scales = _scales(a_scale, layers, "a_scale", rows=[x.shape[1] for x in a_list])
     g_scales = _scales(g_scale, layers, "g_scale")
-    thin = [low_rank and x.shape[1] < x.shape[2] + b for x, b in zip(a_list, biases)]
+    if not low_rank:
+        A, G = _KFAC_OP(a_list, g_list, biases, a_scales, g_scales)
+        return list(A), list(G)
+    thin = [x.shape[1] < x.shape[2] + b for x, b in zip(a_list, biases)]
     # Low-rank layers still go through the grouped launch for G; their A slot gets a 1-row
     # stand-in whose (tiny) result is discarded.
     a_launch = [x[:, :1, :1] if t else x for x, t in zip(a_list, thin)]
-    A, G = torch.ops.llama_fast.kfac_factors(a_launch, g_list, biases, a_scales, g_scales)
+    A, G = _KFAC_OP(a_launch, g_list, biases, a_scales, g_scales)
     A = [LowRankFactor(x, b, s) if t else A_l
          for x, b, s, t, A_l in zip(a_list, biases, a_scales, thin, A)]
-    return (A[0], G[0]) if single else (list(A), list(G))
+    return A, list(G)

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -93,14 +94,33 @@ void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
   }
 }
 
+// Jacobi work per matrix, roughly: sweeps (~6) x rounds (d) x pairs (d/2) x rotations (4d).
+int64_t jacobi_flops(int64_t d) { return 12 * d * d * d + 1; }
+
+// Chunks below this many flops run inline: waking the thread pool costs more.
+constexpr int64_t kMinParallelFlops = int64_t(1) << 16;
+
 template <typename T>
 void jacobi_batch(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info) {
   const int64_t d = flat.size(-1);
+  const T* M = flat.data_ptr<T>();
+  T* w = evals.data_ptr<T>();
+  T* Q = evecs.data_ptr<T>();
   int* info_ptr = info.data_ptr<int>();
-  at::parallel_for(0, flat.size(0), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kMinParallelFlops / jacobi_flops(d));
+  at::parallel_for(0, flat.size(0), grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      info_ptr[b] = jacobi_eig(flat[b].data_ptr<T>(), d, evals[b].data_ptr<T>(), evecs[b].data_ptr<T>());
+      info_ptr[b] = jacobi_eig(M + b * d * d, d, w + b * d, Q + b * d * d);
   });
+}
+
+// Up to this size the shared Jacobi solver beats LAPACK (syevd per matrix through ATen, with
+// its fixed costs per call and per matrix); above it LAPACK's O(d^3) tridiagonal route wins.
+constexpr int64_t kJacobiAutoMaxDim = 8;
+
+bool use_jacobi(int64_t d) {
+  const CpuPath path = cpu_path_from_env("LLAMA_FAST_CPU_EIG", "jacobi", "lapack");
+  return path == CpuPath::kFirst || (path == CpuPath::kAuto && d <= kJacobiAutoMaxDim);
 }
 
 SymEigOutput sym_eig_cpu(const at::Tensor& M) {
@@ -112,7 +132,7 @@ SymEigOutput sym_eig_cpu(const at::Tensor& M) {
   at::Tensor evecs = at::empty({batch, d, d}, flat.options());
   at::Tensor info = at::zeros({batch}, flat.options().dtype(at::kInt));
   if (batch > 0 && d > 0) {
-    if (cpu_path_from_env("LLAMA_FAST_CPU_EIG", "jacobi", "lapack") == CpuPath::kFirst) {
+    if (use_jacobi(d)) {
       AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "sym_eig_cpu",
                                  [&] { jacobi_batch<scalar_t>(flat, evals, evecs, info); });
     } else {

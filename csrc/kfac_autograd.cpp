@@ -1,0 +1,88 @@
+// Autograd kernel of kfac_factors, registered in C++ so that a call carries no Python
+// autograd layer (for the sinusoid MLP that layer cost as much as the arithmetic).
+//   A = s * abar^T abar  =>  da = s * a (dA + dA^T)[:i, :i] + s * (dA + dA^T)[i, :i]  (bias row)
+//   G = s * g^T g        =>  dg = s * g (dG + dG^T)
+// The backward is written with differentiable ATen ops, so double backward works.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "kfac.h"
+
+namespace llama_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+KfacOutput call_kfac_below_autograd(at::TensorList a, at::TensorList g,
+                                    const c10::List<bool>& bias, c10::ArrayRef<double> a_scale,
+                                    c10::ArrayRef<double> g_scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("llama_fast::kfac_factors", "")
+                       .typed<KfacOutput(at::TensorList, at::TensorList, const c10::List<bool>&,
+                                         c10::ArrayRef<double>, c10::ArrayRef<double>)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(a, g, bias, a_scale, g_scale);
+}
+
+// Gradient of out = scale * xbar^T xbar (xbar = [x, 1] if ones) with respect to x.
+at::Tensor gram_input_grad(const at::Tensor& x, const at::Tensor& d_out, bool ones,
+                           double scale) {
+  if (!d_out.defined()) return {};
+  const int64_t cols = x.size(2);
+  const at::Tensor sym = d_out + d_out.transpose(1, 2);
+  at::Tensor dx = at::matmul(x, sym.slice(1, 0, cols).slice(2, 0, cols));
+  // The column of ones is not an input; its cross terms still reach every row of x.
+  if (ones) dx = dx + sym.slice(1, cols, cols + 1).slice(2, 0, cols);
+  return dx * scale;
+}
+
+struct KfacFactorsFunction : public torch::autograd::Function<KfacFactorsFunction> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList a, at::TensorList g,
+                               const c10::List<bool>& bias, c10::ArrayRef<double> a_scale,
+                               c10::ArrayRef<double> g_scale) {
+    auto [A, G] = call_kfac_below_autograd(a, g, bias, a_scale, g_scale);
+    variable_list inputs(a.begin(), a.end());
+    inputs.insert(inputs.end(), g.begin(), g.end());
+    ctx->save_for_backward(inputs);
+    ctx->saved_data["bias"] = bias;
+    ctx->saved_data["a_scale"] = a_scale.vec();
+    ctx->saved_data["g_scale"] = g_scale.vec();
+    variable_list out = std::move(A);
+    out.insert(out.end(), G.begin(), G.end());
+    return out;
+  }
+
+  // Returns one gradient per tensor of a, then of g, then none for bias and the two scales.
+  static variable_list backward(AutogradContext* ctx, variable_list d_out) {
+    const variable_list inputs = ctx->get_saved_variables();
+    const size_t layers = inputs.size() / 2;
+    const c10::List<bool> bias = ctx->saved_data["bias"].toBoolList();
+    const std::vector<double> a_scale = ctx->saved_data["a_scale"].toDoubleVector();
+    const std::vector<double> g_scale = ctx->saved_data["g_scale"].toDoubleVector();
+    variable_list grads(2 * layers + 3);
+    for (size_t l = 0; l < layers; ++l) {
+      grads[l] = gram_input_grad(inputs[l], d_out[l], bias.get(l), a_scale[l]);
+      grads[layers + l] = gram_input_grad(inputs[layers + l], d_out[layers + l], false, g_scale[l]);
+    }
+    return grads;
+  }
+};
+
+KfacOutput kfac_factors_autograd(at::TensorList a, at::TensorList g, const c10::List<bool>& bias,
+                                 c10::ArrayRef<double> a_scale, c10::ArrayRef<double> g_scale) {
+  variable_list out = KfacFactorsFunction::apply(a, g, bias, a_scale, g_scale);
+  const auto layers = static_cast<int64_t>(a.size());
+  return {TensorVector(out.begin(), out.begin() + layers),
+          TensorVector(out.begin() + layers, out.end())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llama_fast, Autograd, m) {
+  m.impl("kfac_factors", &kfac_factors_autograd);
+}
+
+}  // namespace llama_fast
