@@ -440,6 +440,9 @@ class OmniglotTasks(_SeededSampler):
                              f"has only {self.drawings} drawings")
         self.ways, self.shots, self.query_shots, self.meta_batch = ways, shots, query_shots, meta_batch
         self.device = torch.device(device)
+        # uint8 images live on the sampling device (a few MB): a batch is gathered and rotated
+        # there, and only indices cross from the CPU generator.
+        self._images = split.images.to(self.device)
         self.seed = None if generator is not None else seed
         self.generator = generator if generator is not None else _make_generator(seed, rank, world_size)
 
@@ -462,24 +465,31 @@ class OmniglotTasks(_SeededSampler):
         classes = self._random_subsets((T,), self.num_classes, N)  # label n is classes[:, n]
         drawings = self._random_subsets((T, N), self.drawings, K + Q)  # [T, N, K+Q]
         character, rotation = classes // self.rotations, classes % self.rotations
-        images = self.characters.images[character.unsqueeze(-1), drawings]  # [T, N, K+Q, 28, 28]
+        support_order = self._orders(T, N * K)  # shuffles examples within each set
+        query_order = self._orders(T, N * Q)
+        to_device = lambda t: t.to(self.device)  # noqa: E731
+        character, rotation, drawings = map(to_device, (character, rotation, drawings))
+        images = self._images[character.unsqueeze(-1), drawings]  # [T, N, K+Q, 28, 28] uint8
         images = rotate_classes(images, rotation.unsqueeze(-1).expand(T, N, K + Q))
-        labels = torch.arange(N).view(1, N, 1).expand(T, N, K + Q)
-        support = self._shuffled(images[:, :, :K], labels[:, :, :K])
-        query = self._shuffled(images[:, :, K:], labels[:, :, K:])
-        return OmniglotBatch(*support, *query, classes.to(self.device))
+        labels = torch.arange(N, device=self.device).view(1, N, 1).expand(T, N, K + Q)
+        support = _reorder(images[:, :, :K], labels[:, :, :K], to_device(support_order))
+        query = _reorder(images[:, :, K:], labels[:, :, K:], to_device(query_order))
+        return OmniglotBatch(*support, *query, to_device(classes))
 
-    def _shuffled(self, images: torch.Tensor, labels: torch.Tensor):
-        T = images.shape[0]
-        images, labels = images.reshape(T, -1, IMAGE_SIZE, IMAGE_SIZE), labels.reshape(T, -1)
-        order = torch.rand(labels.shape, generator=self.generator).argsort(dim=-1)
-        images = images[torch.arange(T).unsqueeze(-1), order]
-        labels = labels.gather(1, order)
-        return to_float_images(images).to(self.device), labels.to(self.device)
+    def _orders(self, tasks: int, size: int) -> torch.Tensor:
+        return torch.rand(tasks, size, generator=self.generator).argsort(dim=-1)
 
     def __iter__(self):
         while True:
             yield self.sample()
+
+
+def _reorder(images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor):
+    """[T, N, M, 28, 28] images and labels -> [T, N*M, 1, 28, 28] floats in ``order``."""
+    T = images.shape[0]
+    images, labels = images.reshape(T, -1, IMAGE_SIZE, IMAGE_SIZE), labels.reshape(T, -1)
+    rows = torch.arange(T, device=order.device).unsqueeze(-1)
+    return to_float_images(images[rows, order]), labels[rows, order]
 
 
 # ----------------------------------------------------------------------------- one-shot runs

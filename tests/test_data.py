@@ -205,6 +205,32 @@ def test_missing_empty_and_wrong_data_dirs(tmp_path):
         data.load_characters(empty, cache_dir=False)
 
 
+def _fake_release(root: Path, split: str, alphabets, characters=2, drawings=3) -> None:
+    """A tiny unpacked release folder: each character's drawings carry a distinct ink bar."""
+    for a, alphabet in enumerate(alphabets):
+        for c in range(characters):
+            folder = root / split / alphabet / f"character{c + 1:02d}"
+            folder.mkdir(parents=True)
+            for d in range(drawings):
+                picture = np.full((105, 105), 255, np.uint8)
+                picture[10 * c: 10 * c + 8, 5 * d: 5 * d + 30] = 0
+                Image.fromarray(picture).save(folder / f"{a:02d}{c:02d}_{d + 1:02d}.png")
+
+
+def test_full_release_layout_is_split_by_alphabet(tmp_path):
+    _fake_release(tmp_path, "images_background", [f"Bg{i}" for i in range(1, 8)])
+    _fake_release(tmp_path, "images_evaluation", ["Ev1", "Ev2"])
+    splits = data.omniglot_splits(tmp_path, cache_dir=False)  # auto: the full files are present
+    assert splits.val.alphabets == ["Bg2"]  # every sixth sorted alphabet from the second
+    assert splits.train.alphabets == ["Bg1", "Bg3", "Bg4", "Bg5", "Bg6", "Bg7"]
+    assert splits.test.alphabets == ["Ev1", "Ev2"] and splits.test.images.shape == (4, 3, 28, 28)
+    assert not torch.equal(splits.test.images[0, 0], splits.test.images[1, 0])
+    with pytest.raises(ValueError, match="ways=9 but the split has only 8 classes"):
+        OmniglotTasks(splits.val, ways=9)
+    batch = OmniglotTasks(splits.val, ways=8, shots=1, query_shots=2, meta_batch=2, seed=0).sample()
+    assert sorted(batch.classes[0].tolist()) == list(range(8))
+
+
 def test_uneven_drawings_are_rejected(tmp_path):
     white = Image.new("L", (105, 105), 255)
     for character, count in (("c1", 2), ("c2", 3)):
