@@ -299,6 +299,18 @@ def test_tasks_reproducible_and_resumable(splits):
 
 
 @needs_omniglot
+def test_tasks_are_the_same_on_every_device(splits, device):
+    on_cpu = OmniglotTasks(splits.val, ways=5, shots=2, query_shots=3, meta_batch=4, seed=2).sample()
+    on_device = OmniglotTasks(splits.val, ways=5, shots=2, query_shots=3, meta_batch=4, seed=2,
+                              device=device).sample()
+    for a, b in zip(on_cpu, on_device):
+        assert b.device.type == device.type and torch.equal(a, b.cpu())
+    sinusoid_cpu = SinusoidTasks(meta_batch=3, seed=2).sample()
+    sinusoid_device = SinusoidTasks(meta_batch=3, seed=2, device=device).sample()
+    assert torch.equal(sinusoid_cpu.query_y, sinusoid_device.query_y.cpu())
+
+
+@needs_omniglot
 def test_task_size_errors(splits):
     with pytest.raises(ValueError, match="ways=89 but the split has only 88 classes"):
         OmniglotTasks(splits.val, ways=89)
