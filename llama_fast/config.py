@@ -16,7 +16,6 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomli_w
 import torch
 
 TASKS = ("sinusoid", "omniglot")
@@ -136,6 +135,8 @@ class ExperimentConfig:
         return values
 
     def save(self, path) -> Path:
+        import tomli_w  # only writing needs it; reading is the stdlib's tomllib
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(tomli_w.dumps(self.to_dict()))
