@@ -181,6 +181,11 @@ def test_unpacked_folder_matches_zip_and_disk_cache(tmp_path, splits):
     cached[0].write_bytes(b"truncated")  # a broken cache is rebuilt, not fatal
     data._MEMORY_CACHE.clear()
     assert torch.equal(data.load_characters(folder, cache_dir=tmp_path / "cache").images, expected.images)
+    # Editing a drawing deep inside the folder invalidates both caches.
+    first = sorted(folder.rglob("*.png"))[0]
+    Image.new("L", (105, 105), 0).save(first)  # all ink
+    changed = data.load_characters(folder, cache_dir=tmp_path / "cache")
+    assert changed.images[0, 0].min() == 255 and torch.equal(changed.images[1:], expected.images[1:])
 
 
 def test_missing_empty_and_wrong_data_dirs(tmp_path):
