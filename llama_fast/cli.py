@@ -67,11 +67,10 @@ def _flag_type(field: str, parse):
         except ConfigError as err:
             raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
-    convert.__name__ = field
     return convert
 
 
-# (flag, config field, parser, metavar, help); the help names the default where it is fixed.
+# config field: (flag, text parser, metavar, help); the help names the default where it is fixed.
 _FLAGS = {
     "algorithm": ("--algorithm", str, "NAMES",
                   f"comma-separated algorithms to train/evaluate side by side: {', '.join(ALGORITHMS)} "
