@@ -374,6 +374,11 @@ def test_oneshot_runs_reader(tmp_path):
         assert torch.equal(run.support_x[6, 0], torch.from_numpy(expected).float() / 255)
     support_x, support_y, query_x, query_y = data.stack_runs(runs)
     assert support_x.shape == (2, 20, 1, 28, 28) and query_y.shape == (2, 20)
+    # Paths relative to the run folder (some copies of the data) read the same.
+    labels = tmp_path / "all_runs" / "run02" / "class_labels.txt"
+    labels.write_text(labels.read_text().replace("run02/", ""))
+    again = data.load_oneshot_runs(tmp_path / "all_runs")[1]
+    assert torch.equal(again.query_y, runs[1].query_y) and torch.equal(again.query_x, runs[1].query_x)
 
 
 def test_oneshot_runs_errors(tmp_path):
