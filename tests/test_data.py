@@ -123,8 +123,11 @@ def test_decode_image_inverts_and_resizes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def splits(request):
+    # Decoded images are cached in pytest's cache folder (.pytest_cache, git-ignored): the first
+    # run decodes (~6 s), later ones load. A stale cache cannot hide a decoding change:
+    # test_unpacked_folder_matches_zip_and_disk_cache compares a fresh decode against it.
+    cache = request.config.cache.mkdir("llama_fast_omniglot")
     return data.omniglot_splits(OMNIGLOT, layout="small", cache_dir=cache)
 
 
