@@ -8,7 +8,9 @@ averages over all leading dims. Regression metrics take targets and a Gaussian p
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 from statistics import NormalDist
 
 import torch
@@ -133,3 +135,45 @@ def mean_ci95(values) -> tuple[float, float]:
         raise ValueError("mean_ci95 needs at least one value")
     std = values.std(correction=0)
     return values.mean().item(), (1.96 * std / math.sqrt(values.numel())).item()
+
+
+# ----------------------------------------------------------------------------- metrics.csv
+
+
+class MetricsLog:
+    """A run's metrics.csv: one row per logged step, columns the union of the keys seen.
+
+    Rows may log different metrics (training loss often, validation now and then); missing
+    cells are empty. A resumed run passes ``resume_from`` (the checkpoint's iteration) so rows
+    logged after that checkpoint by the interrupted run are dropped and re-logged, and the
+    file ends like an uninterrupted run's.
+    """
+
+    def __init__(self, path, resume_from: int | None = None, step_key: str = "iteration"):
+        self.path, self.step_key = Path(path), step_key
+        self.rows: list[dict] = []
+        if resume_from is not None and self.path.is_file():
+            with self.path.open(newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if float(r[step_key]) <= resume_from]
+        self.fields = list(dict.fromkeys(k for row in self.rows for k in row))
+        self._rewrite()
+
+    def log(self, **row) -> None:
+        if self.step_key not in row:
+            raise ValueError(f"MetricsLog.log needs {self.step_key}=...")
+        self.rows.append(row)
+        new = [k for k in row if k not in self.fields]
+        if new:  # a new column: rewrite with the wider header (rare: once per metric)
+            self.fields += new
+            self._rewrite()
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, self.fields, restval="").writerow(row)
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields, restval="")
+            if self.fields:
+                writer.writeheader()
+            writer.writerows(self.rows)

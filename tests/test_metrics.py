@@ -133,3 +133,26 @@ def test_mean_ci95():
     assert metrics.mean_ci95([0.7]) == (0.7, 0.0)
     with pytest.raises(ValueError, match="at least one"):
         metrics.mean_ci95([])
+
+
+def test_metrics_log_columns_and_resume(tmp_path):
+    path = tmp_path / "run" / "metrics.csv"
+    log = metrics.MetricsLog(path)
+    for it in range(1, 6):
+        log.log(iteration=it, algorithm="llama", train_loss=1.0 / it)
+        if it % 2 == 0:
+            log.log(iteration=it, algorithm="llama", val_accuracy=0.5 + it / 100)
+    rows = metrics.MetricsLog(path, resume_from=10**9).rows
+    assert [r["iteration"] for r in rows] == ["1", "2", "2", "3", "4", "4", "5"]
+    assert rows[0]["val_accuracy"] == "" and rows[2]["val_accuracy"] == "0.52" and rows[2]["train_loss"] == ""
+    assert path.read_text().splitlines()[0] == "iteration,algorithm,train_loss,val_accuracy"
+    # Resume from a checkpoint at iteration 3: the interrupted run's rows 4 and 5 are dropped.
+    resumed = metrics.MetricsLog(path, resume_from=3)
+    resumed.log(iteration=4, algorithm="llama", train_loss=0.25)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    assert lines[-1] == "4,llama,0.25," and len(lines) == 1 + 4 + 1
+    fresh = metrics.MetricsLog(path)  # not resuming: a new file
+    assert path.read_text() == "" and fresh.rows == []
+    with pytest.raises(ValueError, match="iteration"):
+        fresh.log(loss=1.0)
