@@ -116,14 +116,15 @@ def test_resume_rules(tmp_path, capsys, runner):
     assert resumed.resume and resumed.iterations == 50 and resumed.samples == 3  # base: the run's config
 
 
-def test_train_help_explains_every_flag(capsys):
+@pytest.mark.parametrize("subcommand", ["train", "eval"])
+def test_help_explains_every_flag(subcommand, capsys):
     with pytest.raises(SystemExit) as err:
-        cli.main(["train", "--help"])
+        cli.main([subcommand, "--help"])
     assert err.value.code == 0
     text = capsys.readouterr().out
-    for flag in _flags_of("train") - {"task"}:
+    for flag in _flags_of(subcommand) - {"task"}:
         assert flag in text
-    parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    parser = cli.build_parser()._subparsers._group_actions[0].choices[subcommand]
     assert all(action.help for action in parser._actions)
 
 
