@@ -45,6 +45,39 @@ def test_layer_lists_match_reference(device, dtype, rng):
     torch.testing.assert_close(pairs, ld)
 
 
+# (inputs, outputs, rows) of bias-free layers: full-rank factors, and factors of fewer rows than
+# their width. In float32 the rank-deficient ones are checked against float64 elsewhere
+# (test_layer_lists_match_reference): with G summed over 300 rows, float32 rounding of A's zero
+# eigenvalues (~eps * ||A||) times s * mu / delta moves the log-det by ~1e-5 relative, in any
+# float32 eigensolver.
+FULL_RANK = [(10, 64, 300), (64, 64, 100), (64, 5, 80)]
+RANK_DEFICIENT = [(10, 64, 300), (64, 64, 40), (64, 5, 5)]
+
+
+@pytest.mark.parametrize("dtype,layers,rtol", [
+    (torch.float32, FULL_RANK, 1e-5),
+    (torch.float64, FULL_RANK, 1e-10),
+    (torch.float64, RANK_DEFICIENT, 1e-10),
+])
+def test_matches_laplace_torch_kron_decomposed(device, dtype, layers, rtol, rng):
+    """The same factors through laplace-torch's KronDecomposed (its KronLaplace log-det):
+    bias-free layers, the likelihood scale folded into G, the prior precision as deltas."""
+    matrix = pytest.importorskip("laplace.utils.matrix", reason="laplace-torch is not installed")
+    a, g = [], []
+    for i, o, rows in layers:
+        a.append(torch.randn(4, rows, i, generator=rng, dtype=dtype).to(device))
+        g.append(torch.randn(4, rows, o, generator=rng, dtype=dtype).to(device))
+    A, G = lf.kfac_factors(a, g, bias=False)
+    delta, s = 0.3, 2.0
+    ld = lf.kron_logdet(A, G, damping=delta, scale=s)
+    for t in range(4):
+        kron = matrix.Kron([[s * G_l[t].double(), A_l[t].double()] for A_l, G_l in zip(A, G)])
+        deltas = torch.full((len(A),), delta, dtype=torch.float64, device=device)
+        expected = (kron.decompose() + deltas).logdet()
+        torch.testing.assert_close(ld[t].double(), expected, rtol=rtol, atol=0,
+                                   msg=lambda m: f"{m} (seed {rng.initial_seed()})")
+
+
 def test_gradcheck_float64(device, rng):
     A = psd_factors(2, 4, 6, rng, device=device).requires_grad_()
     G = psd_factors(2, 3, 6, rng, device=device).requires_grad_()
