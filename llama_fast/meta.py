@@ -218,7 +218,8 @@ def mc_noise(loss, samples, tasks, rows, out_shape, like, generator):
         return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
     u = torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
     tiny = torch.finfo(like.dtype).tiny
-    return -torch.log(-torch.log(u.clamp_min(tiny)).clamp_min(tiny))
+    exponential = -torch.log(u.clamp_min(tiny))
+    return -torch.log(exponential.clamp_min(tiny))
 
 
 class _Clock:
