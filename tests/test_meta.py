@@ -374,3 +374,16 @@ def test_dropout_is_off_and_batchnorm_state_untouched(rng):
     assert_grads_close(g1, g2, rtol=1e-12)
     assert not with_dropout.training and not with_dropout[1].training and with_dropout[1].track_running_stats
     torch.testing.assert_close(base[1].running_mean, running)
+
+
+def test_meta_step_on_device_matches_cpu(device, rng):
+    """The whole LLAMA step on the device (CUDA kernels there) against the CPU run."""
+    model = small_conv4(rng)
+    batch = image_batch(2, 3, 1, 2, 16, rng)
+    kw = dict(algorithm="llama", loss="cross_entropy", inner_lr=0.2, inner_steps=2, eta=0.1, damping=0.4)
+    g_cpu, r_cpu = meta_grads(model, batch, **kw)
+    on_device = copy.deepcopy(model).to(device)
+    g_dev, r_dev = meta_grads(on_device, batch.to(device), **kw)
+    assert r_dev.logdet.device.type == device.type
+    torch.testing.assert_close(r_dev.logdet.cpu(), r_cpu.logdet, rtol=1e-9, atol=1e-9)
+    assert_grads_close([g.cpu() for g in g_dev], g_cpu, rtol=1e-7)
