@@ -15,12 +15,12 @@ Meta-objective per task (DESIGN.md section 1)::
 
 and the meta-loss is the mean of J_i over tasks (MAML: the mean query loss).
 
-torch.compile: the ops have fake registrations, so the curvature part (``kfac_factors`` +
-``kron_logdet`` on given rows) compiles with fullgraph=True and matches eager (tested). The
-whole step does not: the second-order meta-gradient is a double backward through the inner
-loop's ``torch.func.grad``, which aot_autograd does not trace (compiled autograd of
-``torch.func`` transforms inside a compiled region falls back to eager), so meta_step itself
-runs eagerly.
+torch.compile: the ops have fake registrations, so the curvature part (``curvature_logdet``)
+compiles with fullgraph=True, and ``meta_objective`` compiles with graph breaks (dynamo traces
+the vmapped torch.func inner loop and capture; registering the forward hooks is not traceable,
+so fullgraph=True fails); gradients equal eager's (tests/test_meta_compile.py). A double
+backward through a compiled region (create_graph=True on the meta-loss) is not supported by
+aot_autograd, and kron_logdet's backward raises on double backward anyway.
 """
 
 import math
