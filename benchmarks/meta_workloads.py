@@ -16,6 +16,7 @@ tracemalloc does not see torch's allocations). Prints the peak in bytes.
 
 import resource
 import sys
+import time
 
 import torch
 
@@ -92,6 +93,36 @@ def peak_memory(workload, T, algorithm, device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
 
 
+def interleaved(workload, T, device, rounds=3, algorithms=("maml", "fomaml", "llama", "loop-maml")):
+    """Best-of-`rounds` step time per algorithm, the algorithms alternating within each round
+    (on a shared machine, load drifts between back-to-back benchmarks; alternating exposes
+    every algorithm to the same drift). One warm-up step each first."""
+    steps = {}
+    for algorithm in algorithms:
+        model, batch = make(workload, T, device)
+        steps[algorithm] = step_fn(workload, algorithm, model, batch)
+        steps[algorithm]()
+    best = {a: float("inf") for a in algorithms}
+    for _ in range(rounds):
+        for algorithm in algorithms:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[algorithm]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[algorithm] = min(best[algorithm], time.perf_counter() - start)
+    return best
+
+
 if __name__ == "__main__":
-    workload, T, algorithm, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    print(peak_memory(workload, T, algorithm, device))
+    if sys.argv[1] == "interleaved":
+        # python meta_workloads.py interleaved WORKLOAD T DEVICE [ROUNDS]
+        workload, T, device = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        best = interleaved(workload, T, device, rounds=int(sys.argv[5]) if len(sys.argv) > 5 else 3)
+        for algorithm, seconds in best.items():
+            print(f"{workload} T={T} {device} {algorithm:<10} {seconds * 1e3:10.1f} ms  "
+                  f"{T / seconds:8.1f} tasks/s  {seconds / best['maml']:5.2f}x MAML")
+    else:
+        workload, T, algorithm, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+        print(peak_memory(workload, T, algorithm, device))

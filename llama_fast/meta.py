@@ -108,8 +108,10 @@ class TaskBatch:
 
     def to(self, *args, **kwargs) -> "TaskBatch":
         """A copy moved with ``Tensor.to`` (labels keep their integer dtype)."""
+        device = torch.empty(0).to(*args, **kwargs).device
+
         def move(t):
-            return t.to(*args, **kwargs) if t.dtype.is_floating_point else t.to(device=t.to(*args, **kwargs).device)
+            return t.to(*args, **kwargs) if t.dtype.is_floating_point else t.to(device)
         return TaskBatch(*(move(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
 
 
