@@ -251,7 +251,7 @@ class _Clock:
 
 
 def _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fisher,
-              curvature_on, first_order, backend, mc_samples, tasks):
+              curvature_on, first_order, prior_term, backend, mc_samples, tasks):
     """Validated settings of one step."""
     _choice(algorithm, ALGORITHMS, "algorithm")
     _choice(loss, LOSSES, "loss")
@@ -278,6 +278,8 @@ def _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fishe
         cfg["scale"] = float(scale)
         if not (math.isfinite(cfg["scale"]) and cfg["scale"] > 0):
             raise ValueError(f"scale must be positive and finite, got {scale}")
+    elif prior_term:
+        cfg["damping"] = check_damping(damping, tasks)   # the prior precision delta
     return cfg
 
 
@@ -316,7 +318,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"batch must be a llama_fast.TaskBatch, got {type(batch).__name__}")
     cfg = _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fisher,
-                    curvature_on, first_order, backend, mc_samples, batch.tasks)
+                    curvature_on, first_order, prior_term, backend, mc_samples, batch.tasks)
     clock = clock or _Clock(False, batch.device)
     spec = inspect_model(model)
     theta, rest = split_params(model, spec, params)
@@ -344,8 +346,6 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
         objective = objective + cfg["eta"] * logdet
         clock.lap("curvature")
     if prior_term:
-        if cfg["damping"] is None:
-            raise ValueError("prior_term=True needs damping (the prior precision delta)")
         objective = objective + 0.5 * cfg["damping"] * sq_dist
     meta_loss = objective.mean()
     result = MetaStepResult(

@@ -13,11 +13,10 @@ from torch.func import functional_call
 
 from . import reference
 from .curvature import KronCurvature
-from .functional import Capture, FunctionalNet, functional_mode, inspect_model
+from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model
 from .kfac import kfac_factors
 from .meta import (BACKENDS, TaskBatch, _choice, _nonnegative, check_damping, check_targets,
                    mc_noise, split_params)
-from .functional import FISHERS, LOSSES
 
 __all__ = ["TaskPosterior", "adapt", "kron_laplace"]
 
@@ -85,10 +84,8 @@ class TaskPosterior:
 
     def _outputs(self, fast, x):
         """Network outputs ``[T, M, ...]`` with per-task parameters ``fast`` ([T, ...])."""
-        fixed = {k: v for k, v in self.fixed.items()}
-
         def one_task(p, xi):
-            return functional_call(self.model, {**fixed, **p}, (xi,), strict=False)
+            return functional_call(self.model, {**self.fixed, **p}, (xi,), strict=False)
         with functional_mode(self.model):
             return torch.func.vmap(one_task)(fast, x)
 

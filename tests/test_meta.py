@@ -338,8 +338,10 @@ def test_argument_errors(rng):
         _step(conv, batch, fisher="hessian")
     with pytest.raises(TypeError, match="batch must be a llama_fast.TaskBatch"):
         _step(conv, (batch.support_x, batch.support_y))
-    with pytest.raises(ValueError, match="adapt.*inner_lr|inner_lr must be finite"):
+    with pytest.raises(ValueError, match="inner_lr must be finite and >= 0"):
         _step(conv, batch, inner_lr=-1.0)
+    with pytest.raises(ValueError, match="damping .* is required"):
+        _step(conv, batch, algorithm="maml", prior_term=True, damping=None)
 
 
 @pytest.mark.parametrize("layer,name", [
