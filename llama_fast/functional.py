@@ -6,7 +6,9 @@ layer's input and add a zero "probe" to its output. ``torch.func.vjp`` with resp
 probes then gives, for any cotangent on the network output, the gradient with respect to every
 layer's pre-activation output. The cotangents encode the Fisher type (DESIGN.md section 1):
 
-- exact (type-2 / GGN): softmax-CE, one per class c: ``sqrt(p_c) * (p - e_c)``;
+- exact (type-2 / GGN): softmax-CE, C - 1 vectors whose outer products sum to
+  ``diag(p) - p p^T`` (equivalent to one per class, ``sqrt(p_c) * (p - e_c)``; see
+  softmax_ggn_roots);
   Gaussian (sigma = 1), one per output dim c: ``e_c``;
 - mc: ``m`` labels sampled from the model's predictive, each cotangent scaled by
   ``1/sqrt(m)`` so that G is their average;
@@ -197,6 +199,24 @@ def task_loss(out, y, loss):
     return F.mse_loss(out, y)
 
 
+def softmax_ggn_roots(log_p):
+    """[C-1, N, C] cotangents u_c with sum_c u_c u_c^T = diag(p) - p p^T per example.
+
+    The per-class vectors sqrt(p_c) (e_c - p) are C vectors in a (C-1)-dim space; C-1 suffice,
+    which saves one vector-Jacobian product per class count. With q = sqrt(p) (a unit vector)
+    ``diag(p) - p p^T = D (I - q q^T) D``, D = diag(q), and the Householder reflection H with
+    ``v = q + e_C`` maps q to -e_C, so ``I - q q^T = H (I - e_C e_C^T) H`` and the columns
+    ``c < C`` of ``D H`` are the u_c: ``u_c = q * (e_c - v q_c / (1 + q_C))``. The denominator
+    is >= 1, so the vectors are smooth in p (differentiable for the meta-gradient).
+    """
+    q = torch.exp(0.5 * log_p)              # sqrt(p): finite gradient even where p underflows
+    classes = q.shape[-1]
+    v = torch.cat([q[:, :-1], q[:, -1:] + 1.0], dim=-1)                       # [N, C]
+    coeff = (q[:, :-1] / (1.0 + q[:, -1:])).transpose(0, 1).unsqueeze(-1)    # [C-1, N, 1]
+    eye = torch.eye(classes, dtype=q.dtype, device=q.device)[:-1].unsqueeze(1)  # [C-1, 1, C]
+    return q.unsqueeze(0) * (eye - coeff * v.unsqueeze(0))
+
+
 def cotangents(out, y, loss, fisher, noise=None):
     """[K, N, C] cotangents on the output whose VJPs are the g's of the chosen Fisher.
 
@@ -206,10 +226,7 @@ def cotangents(out, y, loss, fisher, noise=None):
         log_p = torch.log_softmax(out, dim=-1)
         p = log_p.exp()
         if fisher == "exact":
-            eye = torch.eye(out.shape[-1], dtype=out.dtype, device=out.device)
-            # sqrt(p_c) as exp(log_p / 2): finite gradient even where p_c underflows.
-            root = torch.exp(0.5 * log_p).transpose(0, 1).unsqueeze(-1)     # [C, N, 1]
-            return root * (p.unsqueeze(0) - eye.unsqueeze(1))               # [C, N, C]
+            return softmax_ggn_roots(log_p)
         if fisher == "empirical":
             return (p - F.one_hot(y, out.shape[-1]).to(p.dtype)).unsqueeze(0)
         labels = (log_p.detach().unsqueeze(0) + noise).argmax(-1)          # Gumbel-max sampling

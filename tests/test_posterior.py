@@ -205,3 +205,18 @@ def test_predict_with_samples(rng):
     mean, std = lf.adapt(reg, xs, xs.sin(), loss="mse", inner_lr=0.1, damping=0.5).predict(
         xs, num_samples=16, generator=torch.Generator().manual_seed(0))
     assert mean.shape == std.shape == (2, 5, 1) and bool((std > 1).all())
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_softmax_ggn_roots(classes, rng):
+    """C-1 cotangents whose outer products sum to diag(p) - p p^T, also for near one-hot p."""
+    from llama_fast.functional import softmax_ggn_roots
+    logits = torch.randn(6, classes, generator=rng, dtype=DT) * 3
+    logits[0, -1] = 60.0      # p ~ e_C: the Householder denominator stays >= 1
+    logits[1, 0] = 60.0       # p ~ e_1
+    log_p = torch.log_softmax(logits, -1)
+    p = log_p.exp()
+    U = softmax_ggn_roots(log_p)
+    assert U.shape == (classes - 1, 6, classes)
+    want = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    torch.testing.assert_close(torch.einsum("kni,knj->nij", U, U), want, rtol=0, atol=1e-14)
