@@ -15,12 +15,22 @@ from .eig import sym_eig  # noqa: E402
 from .kfac import kfac_factors  # noqa: E402
 from .logdet import kron_logdet  # noqa: E402
 from .lowrank import LowRankFactor  # noqa: E402
+from . import models  # noqa: E402
+from .meta import MetaStepResult, TaskBatch, meta_step  # noqa: E402
+from .posterior import TaskPosterior, adapt, kron_laplace  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KronCurvature",
     "LowRankFactor",
+    "MetaStepResult",
+    "TaskBatch",
+    "TaskPosterior",
+    "adapt",
+    "kron_laplace",
+    "meta_step",
+    "models",
     "chol_logdet",
     "kfac_factors",
     "kron_logdet",

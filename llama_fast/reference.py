@@ -6,7 +6,8 @@ plainest way torch allows, and takes the same arguments.
 
 import torch
 
-__all__ = ["kfac_factors", "sym_eig", "kron_logdet", "kron_logdet_dense", "chol_logdet"]
+__all__ = ["kfac_factors", "sym_eig", "kron_logdet", "kron_logdet_dense", "chol_logdet",
+           "maml_loop"]
 
 
 def _layer_factors(a, g, bias, a_scale, g_scale):
@@ -107,3 +108,36 @@ def kron_logdet_dense(A, G, damping=1.0, scale=1.0):
 def chol_logdet(M):
     """log det of SPD matrices via torch.linalg.cholesky."""
     return _cholesky_logdet(M)
+
+
+def _mean_loss(out, y, loss):
+    if loss == "cross_entropy":
+        return torch.nn.functional.cross_entropy(out, y)
+    return torch.nn.functional.mse_loss(out, y)
+
+
+def maml_loop(model, batch, *, loss, inner_lr, inner_steps=1, first_order=False):
+    """MAML's meta-loss the way learn2learn/higher compute it: a Python loop over tasks, each
+    adapted with plain ``torch.autograd.grad`` (``create_graph`` unless first order).
+
+    Every parameter is adapted except BatchNorm's; the model runs as it is (for the meta_step
+    semantics it must be in train mode, its BatchNorm layers without running statistics, and
+    without active Dropout). Returns the mean query loss, differentiable w.r.t. the model.
+    """
+    from torch.func import functional_call
+
+    norms = {name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    params = dict(model.named_parameters())
+    fast_names = [k for k in params if k.rpartition(".")[0] not in norms]
+    losses = []
+    for t in range(batch.support_x.shape[0]):
+        fast = {k: params[k] for k in fast_names}
+        for _ in range(inner_steps):
+            out = functional_call(model, {**params, **fast}, (batch.support_x[t],))
+            grads = torch.autograd.grad(_mean_loss(out, batch.support_y[t], loss), list(fast.values()),
+                                        create_graph=not first_order)
+            fast = {k: v - inner_lr * g for (k, v), g in zip(fast.items(), grads)}
+        out = functional_call(model, {**params, **fast}, (batch.query_x[t],))
+        losses.append(_mean_loss(out, batch.query_y[t], loss))
+    return torch.stack(losses).mean()

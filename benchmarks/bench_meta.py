@@ -1,0 +1,46 @@
+"""meta_step throughput: MAML, first-order MAML and LLAMA (all tasks vmapped), and MAML as a
+Python loop over tasks with plain autograd (learn2learn/higher style), on the sinusoid MLP and
+Conv-4 (5-way 1-shot, 28x28), T in {4, 32}. Workloads: meta_workloads.py.
+
+Each benchmark records tasks/s and the step's peak memory (measured in a fresh subprocess,
+see meta_workloads.py); the terminal summary prints the LLAMA/MAML time and memory ratios and
+the vmapped MAML's speed-up over the loop.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lf_workloads import timed_call
+from meta_workloads import make, step_fn
+
+HERE = Path(__file__).parent
+ALGORITHMS = ["maml", "fomaml", "llama", "loop-maml"]
+CASES = [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)]
+
+
+def measured_peak(workload, T, algorithm, device):
+    """Peak memory of one step in a fresh process (bytes), or None if the probe failed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(HERE / "meta_workloads.py"), workload, str(T), algorithm, device],
+                         capture_output=True, text=True, env=env, cwd=HERE)
+    if out.returncode != 0:
+        return None
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("workload,T", CASES)
+def bench_meta_step(benchmark, device, workload, T, algorithm):
+    model, batch = make(workload, T, device)
+    step = timed_call(step_fn(workload, algorithm, model, batch), device)
+    heavy = device == "cpu" and workload.startswith("conv4")
+    benchmark.group = f"meta_step {workload} T={T} {device}"
+    benchmark.extra_info.update(algorithm=algorithm, tasks=T)
+    benchmark.pedantic(step, rounds=2 if heavy else 10, iterations=1, warmup_rounds=1)
+    if os.environ.get("LLAMA_FAST_BENCH_MEMORY", "1") != "0":
+        benchmark.extra_info["peak_bytes"] = measured_peak(workload, T, algorithm, device)

@@ -1,0 +1,406 @@
+"""The meta-training API: TaskBatch and meta_step (MAML, first-order MAML and LLAMA).
+
+All T tasks of a batch are adapted at once: ``torch.func.vmap`` over tasks of a function that
+runs the inner loop with ``torch.func.grad`` and ``functional_call``, evaluates the query loss
+and, for LLAMA, captures each K-FAC layer's inputs and output gradients at the adapted
+parameters (llama_fast.functional). The batched ops (``kfac_factors``, ``kron_logdet``) run
+outside vmap on the returned rows, and ordinary autograd carries the meta-gradient back
+through all of it: the log-det, A and G (activations and back-propagated g's) and the inner
+loop (second order unless first order is asked for).
+
+Meta-objective per task (DESIGN.md section 1)::
+
+    J_i = mean_loss(phi_i, D^Q) + eta * log det H_i(phi_i) [+ delta/2 ||phi_i - theta||^2]
+    H_i = s * (G (x) A) + delta * I  per K-FAC layer, on D^S (curvature_on="support") or D^Q
+
+and the meta-loss is the mean of J_i over tasks (MAML: the mean query loss).
+
+torch.compile: the ops have fake registrations, so the curvature part (``curvature_logdet``)
+compiles with fullgraph=True, and ``meta_objective`` compiles with graph breaks (dynamo traces
+the vmapped torch.func inner loop and capture; registering the forward hooks is not traceable,
+so fullgraph=True fails); gradients equal eager's (tests/test_meta_compile.py). A double
+backward through a compiled region (create_graph=True on the meta-loss) is not supported by
+aot_autograd, and kron_logdet's backward raises on double backward anyway.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model, task_loss
+from .kfac import kfac_factors
+from .logdet import kron_logdet
+
+__all__ = ["TaskBatch", "MetaStepResult", "meta_step", "meta_objective"]
+
+ALGORITHMS = ("llama", "maml", "fomaml")
+BACKENDS = ("kernels", "reference")
+CURVATURE_SETS = ("support", "query")
+
+
+@dataclass
+class TaskBatch:
+    """A batch of T few-shot tasks: support and query sets with a leading task dim.
+
+    Args:
+        support_x: ``[T, N, ...]`` float inputs.
+        support_y: ``[T, N]`` integer class labels, or ``[T, N, ...]`` float targets.
+        query_x: ``[T, M, ...]`` inputs (same per-example shape as support_x).
+        query_y: ``[T, M]`` / ``[T, M, ...]`` like support_y.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def __post_init__(self):
+        names = ("support_x", "support_y", "query_x", "query_y")
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"TaskBatch.{name} must be a torch.Tensor, got {type(value).__name__}")
+            if value.dim() < 2:
+                raise ValueError(f"TaskBatch.{name} needs a leading task dim and an example dim "
+                                 f"([T, N, ...]), got shape {tuple(value.shape)}")
+        T = self.support_x.shape[0]
+        for name in names[1:]:
+            if getattr(self, name).shape[0] != T:
+                raise ValueError(f"TaskBatch.{name} has T={getattr(self, name).shape[0]} tasks "
+                                 f"but support_x has T={T}")
+        for x, y, xn, yn in ((self.support_x, self.support_y, *names[:2]),
+                             (self.query_x, self.query_y, *names[2:])):
+            if y.shape[1] != x.shape[1]:
+                raise ValueError(f"TaskBatch.{yn} has {y.shape[1]} examples per task but {xn} "
+                                 f"has {x.shape[1]}")
+            if not x.dtype.is_floating_point:
+                raise ValueError(f"TaskBatch.{xn} must be a floating-point tensor, got {x.dtype}")
+            if y.dtype.is_floating_point:
+                if y.dtype != x.dtype:
+                    raise ValueError(f"TaskBatch.{yn} has dtype {y.dtype} but {xn} has {x.dtype}")
+            elif y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+                raise ValueError(f"TaskBatch.{yn} must hold integer class labels or float targets, "
+                                 f"got {y.dtype}")
+        if self.query_x.shape[2:] != self.support_x.shape[2:]:
+            raise ValueError(f"TaskBatch.query_x examples have shape {tuple(self.query_x.shape[2:])} "
+                             f"but support_x examples have {tuple(self.support_x.shape[2:])}")
+        if self.query_y.dtype != self.support_y.dtype or self.query_y.shape[2:] != self.support_y.shape[2:]:
+            raise ValueError("TaskBatch.query_y must have support_y's dtype and per-example shape, got "
+                             f"{self.query_y.dtype} {tuple(self.query_y.shape[2:])} vs "
+                             f"{self.support_y.dtype} {tuple(self.support_y.shape[2:])}")
+        devices = {t.device for t in (self.support_x, self.support_y, self.query_x, self.query_y)}
+        if len(devices) > 1:
+            raise ValueError(f"TaskBatch tensors must share one device, got {sorted(map(str, devices))}")
+        # Integer labels index the classes: int64 is what cross_entropy and one_hot take.
+        if not self.support_y.dtype.is_floating_point:
+            self.support_y, self.query_y = self.support_y.long(), self.query_y.long()
+
+    @property
+    def tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.support_x.device
+
+    def to(self, *args, **kwargs) -> "TaskBatch":
+        """A copy moved with ``Tensor.to`` (labels keep their integer dtype)."""
+        device = torch.empty(0).to(*args, **kwargs).device
+
+        def move(t):
+            return t.to(*args, **kwargs) if t.dtype.is_floating_point else t.to(device)
+        return TaskBatch(*(move(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+@dataclass
+class MetaStepResult:
+    """What one meta_step computed (all detached).
+
+    Attributes:
+        meta_loss: the scalar that was back-propagated.
+        query_loss: ``[T]`` mean query loss per task at the adapted parameters.
+        logdet: ``[T]`` ``log det H_i`` per task (LLAMA), else None.
+        query_accuracy: ``[T]`` query accuracy per task (cross_entropy), else None.
+        timings: seconds per phase when ``timings=True`` ("forward": inner loop, query loss
+            and capture; "curvature": factors and log-det; "backward"; "step"; "total").
+    """
+
+    meta_loss: torch.Tensor
+    query_loss: torch.Tensor
+    logdet: torch.Tensor | None = None
+    query_accuracy: torch.Tensor | None = None
+    timings: dict | None = None
+
+
+def _choice(value, options, name):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def _nonnegative(value, name):
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_damping(damping, tasks):
+    """damping > 0: a float, or a tensor [T] (or 0-dim) of positive values."""
+    if damping is None:
+        raise ValueError("damping (the prior precision delta > 0) is required for the curvature")
+    if isinstance(damping, torch.Tensor):
+        if damping.dim() == 0:
+            damping = damping.expand(tasks)
+        if damping.shape != (tasks,):
+            raise ValueError(f"damping must be a float or a tensor of shape [T={tasks}], got {tuple(damping.shape)}")
+        if not bool(((damping > 0) & torch.isfinite(damping)).all()):
+            raise ValueError("damping must be positive and finite")
+        return damping
+    value = float(damping)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"damping must be positive and finite, got {value}")
+    return value
+
+
+def check_targets(y, out_shape, loss, name):
+    """Targets that fit the network output: class labels in [0, C) for cross_entropy, float
+    targets of the output's per-example shape for mse."""
+    if loss == "cross_entropy":
+        if len(out_shape) != 1 or out_shape[0] < 2:
+            raise ValueError(f"loss='cross_entropy' needs network outputs of shape [N, C] with C >= 2 "
+                             f"classes, got per-example shape {out_shape}; use loss='mse' for regression")
+        if y.dtype.is_floating_point or y.dim() != 2:
+            raise ValueError(f"loss='cross_entropy' needs integer class labels {name} of shape [T, N], "
+                             f"got {y.dtype} {tuple(y.shape)}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= out_shape[0]:
+            raise ValueError(f"{name} holds labels in [{low}, {high}] but the network has "
+                             f"{out_shape[0]} classes (labels must be in [0, {out_shape[0] - 1}])")
+        return
+    if not y.dtype.is_floating_point:
+        raise ValueError(f"loss='mse' needs float targets {name}, got {y.dtype}; "
+                         "use loss='cross_entropy' for class labels")
+    if tuple(y.shape[2:]) != tuple(out_shape):
+        raise ValueError(f"loss='mse': {name} has per-example shape {tuple(y.shape[2:])} but the network "
+                         f"outputs {tuple(out_shape)}")
+
+
+def split_params(model, spec, params=None):
+    """(theta_fast, rest): the adapted parameters and everything else functional_call needs
+    (BatchNorm parameters and buffers); `params` overrides the model's tensors by name."""
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    if params is not None:
+        unknown = set(params) - set(tensors)
+        if unknown:
+            raise ValueError(f"params has names the model does not: {sorted(unknown)}")
+        tensors.update(params)
+    fast = {k: tensors.pop(k) for k in spec.fast}
+    return fast, tensors
+
+
+def curvature_logdet(a, g, biases, damping, scale, backend):
+    """Per-task log det H from the captured rows: one batched call for all layers."""
+    if backend == "kernels":
+        A, G = kfac_factors(a, g, bias=biases, low_rank=True)
+        return kron_logdet(A, G, damping=damping, scale=scale)
+    A, G = reference.kfac_factors(a, g, bias=biases)
+    return reference.kron_logdet(A, G, damping=damping, scale=scale)
+
+
+def mc_noise(loss, samples, tasks, rows, out_shape, like, generator):
+    """[T, m, N, C] noise that the mc Fisher turns into sampled labels (Gumbel for CE, normal
+    for the Gaussian), drawn outside vmap so that `generator` governs it."""
+    shape = (tasks, samples, rows, *out_shape)
+    if loss == "mse":
+        return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
+    u = torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
+    tiny = torch.finfo(like.dtype).tiny
+    exponential = -torch.log(u.clamp_min(tiny))
+    return -torch.log(exponential.clamp_min(tiny))
+
+
+class _Clock:
+    """Wall-clock phases (CUDA work is synchronised first); a no-op when not asked for."""
+
+    def __init__(self, enabled, device):
+        self.enabled = enabled
+        self.cuda = enabled and device.type == "cuda"
+        self.times = {}
+        self.start = self.last = self._now() if enabled else 0.0
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name):
+        if self.enabled:
+            now = self._now()
+            self.times[name] = self.times.get(name, 0.0) + now - self.last
+            self.last = now
+
+    def result(self):
+        if not self.enabled:
+            return None
+        return {**self.times, "total": self.last - self.start}
+
+
+def _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fisher,
+              curvature_on, first_order, prior_term, backend, mc_samples, tasks):
+    """Validated settings of one step."""
+    _choice(algorithm, ALGORITHMS, "algorithm")
+    _choice(loss, LOSSES, "loss")
+    _choice(fisher, FISHERS, "fisher")
+    _choice(curvature_on, CURVATURE_SETS, "curvature_on")
+    _choice(backend, BACKENDS, "backend")
+    if inner_lr is None:
+        raise ValueError("inner_lr is required")
+    inner_steps = int(inner_steps)
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    llama = algorithm == "llama"
+    if int(mc_samples) < 1:
+        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    cfg = dict(algorithm=algorithm, loss=loss, inner_lr=_nonnegative(inner_lr, "inner_lr"),
+               inner_steps=inner_steps, fisher=fisher, curvature_on=curvature_on,
+               first_order=bool(first_order) or algorithm == "fomaml", backend=backend,
+               mc_samples=int(mc_samples), llama=llama, eta=0.0, damping=None, scale=1.0)
+    if llama:
+        if eta is None:
+            raise ValueError("eta (the weight of the log-det term, >= 0) is required for algorithm='llama'")
+        cfg["eta"] = _nonnegative(eta, "eta")
+        cfg["damping"] = check_damping(damping, tasks)
+        cfg["scale"] = float(scale)
+        if not (math.isfinite(cfg["scale"]) and cfg["scale"] > 0):
+            raise ValueError(f"scale must be positive and finite, got {scale}")
+    elif prior_term:
+        cfg["damping"] = check_damping(damping, tasks)   # the prior precision delta
+    return cfg
+
+
+def _task_function(net, theta, rest, cfg, layer_shapes, prior_term):
+    """The per-task computation vmapped over the batch: inner loop, query loss and accuracy,
+    (LLAMA) the captured K-FAC rows, (prior_term) ||phi - theta||^2."""
+    def one_task(sx, sy, qx, qy, noise):
+        phi = net.inner_loop(theta, rest, sx, sy, cfg["inner_lr"], cfg["inner_steps"], cfg["first_order"])
+        a, g = [], []
+        if cfg["llama"]:
+            on_query = cfg["curvature_on"] == "query"
+            cx, cy = (qx, qy) if on_query else (sx, sy)
+            out, a, g = net.capture_rows(phi, rest, cx, cy, cfg["fisher"], layer_shapes, noise)
+            q_out = out if on_query else net.forward(phi, rest, qx)   # one query pass when shared
+        else:
+            q_out = net.forward(phi, rest, qx)
+        q_loss = task_loss(q_out, qy, cfg["loss"])
+        if cfg["loss"] == "cross_entropy":
+            accuracy = (q_out.detach().argmax(-1) == qy).to(q_out.dtype).mean()
+        else:
+            accuracy = q_loss.new_zeros(())
+        sq_dist = sum(((phi[k] - theta[k]) ** 2).sum() for k in phi) if prior_term else q_loss.new_zeros(())
+        return q_loss, accuracy, a, g, sq_dist
+    return one_task
+
+
+def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inner_lr=None,
+                   inner_steps=1, eta=None, damping=None, scale=1.0, fisher="exact",
+                   curvature_on="support", first_order=False, prior_term=False,
+                   backend="kernels", mc_samples=1, generator=None, params=None, clock=None):
+    """The differentiable meta-loss of one batch (meta_step without backward and step).
+
+    Takes meta_step's arguments, plus ``params``: an optional dict that replaces the model's
+    parameters by name (for gradient checks). Returns ``(meta_loss, MetaStepResult)``.
+    """
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"batch must be a llama_fast.TaskBatch, got {type(batch).__name__}")
+    cfg = _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fisher,
+                    curvature_on, first_order, prior_term, backend, mc_samples, batch.tasks)
+    clock = clock or _Clock(False, batch.device)
+    spec = inspect_model(model)
+    theta, rest = split_params(model, spec, params)
+    with functional_mode(model), Capture(spec) as capture:
+        net = FunctionalNet(model, spec, capture, loss)
+        on_query = cfg["curvature_on"] == "query" and cfg["llama"]
+        cx, cy = (batch.query_x, batch.query_y) if on_query else (batch.support_x, batch.support_y)
+        with torch.no_grad():   # shape pass on one task: validates targets, sizes the probes
+            layer_shapes, out_shape = net.output_shapes(theta, rest, cx[0])
+        check_targets(batch.support_y, out_shape, loss, "support_y")
+        check_targets(batch.query_y, out_shape, loss, "query_y")
+        noise = None
+        if cfg["llama"] and cfg["fisher"] == "mc":
+            noise = mc_noise(loss, cfg["mc_samples"], batch.tasks, cx.shape[1], out_shape,
+                             batch.support_x, generator)
+        one_task = _task_function(net, theta, rest, cfg, layer_shapes, prior_term)
+        in_dims = (0, 0, 0, 0, None if noise is None else 0)
+        q_loss, accuracy, a, g, sq_dist = torch.func.vmap(one_task, in_dims=in_dims)(
+            batch.support_x, batch.support_y, batch.query_x, batch.query_y, noise)
+    clock.lap("forward")
+    objective, logdet = q_loss, None
+    if cfg["llama"]:
+        biases = [layer.has_bias for layer in spec.layers]
+        logdet = curvature_logdet(a, g, biases, cfg["damping"], cfg["scale"], cfg["backend"])
+        objective = objective + cfg["eta"] * logdet
+        clock.lap("curvature")
+    if prior_term:
+        objective = objective + 0.5 * cfg["damping"] * sq_dist
+    meta_loss = objective.mean()
+    result = MetaStepResult(
+        meta_loss=meta_loss.detach(), query_loss=q_loss.detach(),
+        logdet=None if logdet is None else logdet.detach(),
+        query_accuracy=accuracy.detach() if loss == "cross_entropy" else None)
+    return meta_loss, result
+
+
+def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy", inner_lr=None,
+              inner_steps=1, eta=None, damping=None, scale=1.0, fisher="exact",
+              curvature_on="support", first_order=False, prior_term=False, backend="kernels",
+              mc_samples=1, generator=None, timings=False):
+    """One meta-training step on a TaskBatch: adapt all tasks, meta-loss, backward, step.
+
+    Args:
+        model: an nn.Module built from nn.Linear / nn.Conv2d (adapted, K-FAC), BatchNorm (not
+            adapted, batch statistics), parameter-free layers (activations, pooling, Flatten;
+            Dropout is switched off).
+        batch: a :class:`TaskBatch`.
+        optimizer: a torch optimizer over the model's parameters (zero_grad, backward, step).
+        algorithm: "llama" (query loss + eta * log det H_i), "maml", or "fomaml" (MAML with
+            first-order meta-gradients). "maml" does no curvature work at all.
+        loss: "cross_entropy" (integer labels) or "mse" (float targets, Gaussian sigma = 1 for
+            the curvature). Training losses are mean-reduced; the curvature uses the summed
+            nll (see llama_fast.functional).
+        inner_lr, inner_steps: the inner loop ``phi <- phi - inner_lr * grad mean_loss``.
+        eta: weight of the log-det term (>= 0), LLAMA only.
+        damping: prior precision delta > 0 (float or [T] tensor), LLAMA and prior_term.
+        scale: likelihood scale s of ``H = s * G (x) A + delta * I``.
+        fisher: "exact" (GGN), "mc" (``mc_samples`` sampled labels, drawn with ``generator``)
+            or "empirical".
+        curvature_on: "support" (Algorithm 2) or "query" (the paper's variant; the capture
+            then shares the query forward pass).
+        first_order: drop the inner loop's second-order terms (LLAMA or MAML).
+        prior_term: add ``delta/2 ||phi_i - theta||^2`` to each task's objective.
+        backend: "kernels" (llama_fast ops; low-rank A where cheaper) or "reference"
+            (llama_fast.reference, dense): same math, for comparisons.
+        timings: record wall-clock seconds per phase in the result.
+
+    Returns:
+        :class:`MetaStepResult`.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    clock = _Clock(bool(timings), batch.device if isinstance(batch, TaskBatch) else torch.device("cpu"))
+    optimizer.zero_grad(set_to_none=True)
+    meta_loss, result = meta_objective(
+        model, batch, algorithm=algorithm, loss=loss, inner_lr=inner_lr, inner_steps=inner_steps,
+        eta=eta, damping=damping, scale=scale, fisher=fisher, curvature_on=curvature_on,
+        first_order=first_order, prior_term=prior_term, backend=backend, mc_samples=mc_samples,
+        generator=generator, clock=clock)
+    meta_loss.backward()
+    clock.lap("backward")
+    optimizer.step()
+    clock.lap("step")
+    result.timings = clock.result()
+    return result

@@ -1,0 +1,200 @@
+"""Per-task Laplace posteriors for new tasks: adapt, kron_laplace and TaskPosterior.
+
+``adapt`` runs the MAML inner loop on every task's support set (vmapped over tasks, as in
+meta_step), then builds each task's K-FAC curvature at its adapted parameters:
+``N(phi_i, H_i^-1)`` with ``H_i = s * G (x) A + delta * I`` per K-FAC layer (DESIGN.md
+section 1). ``kron_laplace`` is the same posterior around given parameters on one data set
+(T = 1, zero inner steps). BatchNorm parameters are not part of the posterior: they stay at
+their point estimate in samples.
+"""
+
+import torch
+from torch.func import functional_call
+
+from . import reference
+from .curvature import KronCurvature
+from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model
+from .kfac import kfac_factors
+from .meta import (BACKENDS, TaskBatch, _choice, _nonnegative, check_damping, check_targets,
+                   mc_noise, split_params)
+
+__all__ = ["TaskPosterior", "adapt", "kron_laplace"]
+
+
+class TaskPosterior:
+    """The Laplace posteriors ``N(phi_i, H_i^-1)`` of T tasks over a network's K-FAC layers.
+
+    Attributes:
+        params: adapted ("fast") parameters by name, each ``[T, *shape]``.
+        fixed: the other tensors functional_call needs (BatchNorm parameters, buffers),
+            unbatched: the point estimate shared by all tasks.
+        A, G: per-layer Kronecker factors ``[T, i', i']`` and ``[T, o, o]``.
+        curvature: the :class:`~llama_fast.KronCurvature` (cached eigendecompositions).
+        loss: "cross_entropy" (classification) or "mse" (Gaussian regression, sigma = 1).
+    """
+
+    def __init__(self, model, spec, loss, params, fixed, A, G, damping, scale, backend):
+        self.model, self.spec, self.loss = model, spec, loss
+        self.params, self.fixed = params, fixed
+        self.A, self.G = A, G
+        self.damping, self.scale, self.backend = damping, scale, backend
+        self.curvature = KronCurvature(A, G, damping=damping, scale=scale)
+
+    @property
+    def tasks(self) -> int:
+        return self.A[0].shape[0]
+
+    def logdet(self) -> torch.Tensor:
+        """``log det H_i`` per task, ``[T]`` (summed over the K-FAC layers)."""
+        if self.backend == "reference":
+            return reference.kron_logdet(self.A, self.G, damping=self.damping, scale=self.scale)
+        return self.curvature.logdet()
+
+    def mean(self) -> list:
+        """Per-layer homogeneous means ``[T, o, i']`` (``[W.reshape(o, -1), b]``)."""
+        means = []
+        for layer in self.spec.layers:
+            W = self.params[layer.weight]
+            W = W.reshape(W.shape[0], W.shape[1], -1)
+            if layer.has_bias:
+                W = torch.cat([W, self.params[layer.bias].unsqueeze(-1)], dim=-1)
+            means.append(W)
+        return means
+
+    def sample(self, num_samples: int = 1, generator=None) -> dict:
+        """Posterior samples by parameter name, each ``[S, T, *shape]``; parameters outside the
+        K-FAC layers (BatchNorm) repeat their point estimate."""
+        num_samples = int(num_samples)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not hasattr(self.curvature, "sample"):
+            raise NotImplementedError("TaskPosterior.sample needs KronCurvature.sample "
+                                      "(it lands with the sampling branch)")
+        drawn = self.curvature.sample(self.mean(), num_samples=num_samples, generator=generator)
+        out = {}
+        for layer, E in zip(self.spec.layers, drawn):
+            shape = self.params[layer.weight].shape
+            if layer.has_bias:
+                out[layer.bias] = E[..., -1]
+                E = E[..., :-1]
+            out[layer.weight] = E.reshape(num_samples, *shape)
+        for name in self.spec.slow:
+            out[name] = self.fixed[name].expand(num_samples, self.tasks, *self.fixed[name].shape)
+        return out
+
+    def _outputs(self, fast, x):
+        """Network outputs ``[T, M, ...]`` with per-task parameters ``fast`` ([T, ...])."""
+        def one_task(p, xi):
+            return functional_call(self.model, {**self.fixed, **p}, (xi,), strict=False)
+        with functional_mode(self.model):
+            return torch.func.vmap(one_task)(fast, x)
+
+    @torch.no_grad()
+    def predict(self, x, num_samples: int = 0, generator=None):
+        """Posterior predictive on inputs ``x [T, M, ...]``.
+
+        ``num_samples=0``: the adapted point estimate. Otherwise the average over
+        ``num_samples`` posterior samples. BatchNorm normalises with x's batch statistics
+        (transductive, as in training).
+
+        Returns:
+            cross_entropy: class probabilities ``[T, M, C]``.
+            mse: ``(mean, std)`` of the predictive, each ``[T, M, D]``; ``std`` includes the
+            sigma = 1 observation noise (``sqrt(var_s f + 1)``).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.tasks:
+            raise ValueError(f"x must be a tensor [T={self.tasks}, M, ...], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        num_samples = int(num_samples)
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        if num_samples == 0:
+            f = self._outputs(self.params, x).unsqueeze(0)
+        else:
+            drawn = self.sample(num_samples, generator)
+            fast = {k: drawn[k] for k in self.spec.fast}
+            f = torch.func.vmap(lambda p: self._outputs(p, x))(fast)        # [S, T, M, ...]
+        if self.loss == "cross_entropy":
+            return torch.softmax(f, dim=-1).mean(0)
+        mean = f.mean(0)
+        return mean, torch.sqrt(f.var(0, unbiased=False) + 1.0)
+
+
+def _check_inputs(support_x, support_y):
+    for value, name in ((support_x, "support_x"), (support_y, "support_y")):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    # TaskBatch's checks (T, N, dtypes, device) with the support set standing in for both.
+    batch = TaskBatch(support_x, support_y, support_x, support_y)
+    return batch.support_x, batch.support_y
+
+
+def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping, scale=1.0,
+          fisher="exact", backend="kernels", mc_samples=1, generator=None) -> TaskPosterior:
+    """Adapt ``model`` to T new tasks and return their Laplace posteriors.
+
+    Args:
+        support_x, support_y: ``[T, N, ...]`` inputs and ``[T, N]`` labels / ``[T, N, ...]``
+            float targets.
+        loss, inner_lr, inner_steps, damping, scale, fisher, backend, mc_samples, generator:
+            as for :func:`llama_fast.meta_step` (the curvature is on the support set).
+
+    Returns:
+        :class:`TaskPosterior` (detached from the model's parameters).
+    """
+    _choice(loss, LOSSES, "loss")
+    _choice(fisher, FISHERS, "fisher")
+    _choice(backend, BACKENDS, "backend")
+    inner_lr = _nonnegative(inner_lr, "inner_lr")
+    inner_steps = int(inner_steps)
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    support_x, support_y = _check_inputs(support_x, support_y)
+    T = support_x.shape[0]
+    damping = check_damping(damping, T)
+    scale = _nonnegative(scale, "scale")
+    if scale == 0:
+        raise ValueError("scale must be positive")
+    spec = inspect_model(model)
+    theta, fixed = split_params(model, spec)
+    theta = {k: v.detach() for k, v in theta.items()}
+    fixed = {k: v.detach() for k, v in fixed.items()}
+    with functional_mode(model), Capture(spec) as capture:
+        net = FunctionalNet(model, spec, capture, loss)
+        with torch.no_grad():
+            layer_shapes, out_shape = net.output_shapes(theta, fixed, support_x[0])
+        check_targets(support_y, out_shape, loss, "support_y")
+        noise = None
+        if fisher == "mc":
+            noise = mc_noise(loss, int(mc_samples), T, support_x.shape[1], out_shape, support_x, generator)
+
+        def one_task(x, y, noise):
+            phi = net.inner_loop(theta, fixed, x, y, inner_lr, inner_steps, True)
+            _, a, g = net.capture_rows(phi, fixed, x, y, fisher, layer_shapes, noise)
+            return phi, a, g
+
+        phi, a, g = torch.func.vmap(one_task, in_dims=(0, 0, None if noise is None else 0))(
+            support_x, support_y, noise)
+    biases = [layer.has_bias for layer in spec.layers]
+    if backend == "kernels":
+        A, G = kfac_factors(a, g, bias=biases)
+    else:
+        A, G = reference.kfac_factors(a, g, bias=biases)
+    return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend)
+
+
+def kron_laplace(model, x, y, *, loss, damping, scale=1.0, fisher="exact", backend="kernels",
+                 mc_samples=1, generator=None) -> TaskPosterior:
+    """The K-FAC Laplace posterior around ``model``'s parameters on one data set (T = 1).
+
+    ``x [N, ...]``, ``y [N]`` (labels) or ``[N, ...]`` (float targets). For bias-free
+    networks its ``logdet()`` equals laplace-torch's ``KronLaplace(model, likelihood,
+    prior_precision=damping, temperature=1/scale, backend=CurvlinopsGGN)`` fitted on one batch
+    holding the whole data set: ``log_det_posterior_precision`` (README, "laplace-torch").
+    """
+    for value, name in ((x, "x"), (y, "y")):
+        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+            raise ValueError(f"{name} must be a tensor with an example dim [N, ...]")
+    return adapt(model, x.unsqueeze(0), y.unsqueeze(0), loss=loss, inner_lr=0.0, inner_steps=0,
+                 damping=damping, scale=scale, fisher=fisher, backend=backend,
+                 mc_samples=mc_samples, generator=generator)

@@ -1,0 +1,222 @@
+"""adapt / kron_laplace / TaskPosterior: K-FAC factors against a per-example autograd oracle
+(with biases, which laplace-torch cannot check), point predictions, sampling (once
+KronCurvature.sample lands), errors."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import llama_fast as lf
+from llama_fast import reference
+
+DT = torch.float64
+HAS_SAMPLE = hasattr(lf.KronCurvature, "sample")
+needs_sample = pytest.mark.skipif(not HAS_SAMPLE, reason="KronCurvature.sample lands with the sampling branch")
+
+
+def seeded(rng):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+
+
+def per_example_factors(model, x, y, loss, fisher):
+    """A and G of every Linear layer by brute force: one autograd call per example and
+    cotangent, A = mean abar abar^T, G = sum g g^T (DESIGN.md section 1)."""
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    A = [0.0] * len(layers)
+    G = [0.0] * len(layers)
+    for n in range(x.shape[0]):
+        inputs, outputs = [], []
+        def record(module, args, out):
+            inputs.append(args[0])
+            outputs.append(out)
+        hooks = [m.register_forward_hook(record) for m in layers]
+        out = model(x[n:n + 1])[0]
+        for h in hooks:
+            h.remove()
+        if loss == "cross_entropy":
+            p = torch.softmax(out, -1)
+            if fisher == "exact":
+                # d/ds of sqrt(p_c) * (-log p_c) with sqrt(p_c) held fixed:
+                terms = [p[c].detach().sqrt() * -torch.log_softmax(out, -1)[c] for c in range(out.shape[0])]
+            else:
+                terms = [-torch.log_softmax(out, -1)[y[n]]]
+        else:
+            terms = [out[c] for c in range(out.shape[0])] if fisher == "exact" else [0.5 * ((out - y[n]) ** 2).sum()]
+        for term in terms:
+            gs = torch.autograd.grad(term, outputs, retain_graph=True)
+            for l, g in enumerate(gs):
+                G[l] = G[l] + g.T @ g
+        for l, a in enumerate(inputs):
+            abar = torch.cat([a, torch.ones_like(a[:, :1])], -1)
+            A[l] = A[l] + abar.T @ abar / x.shape[0]
+    return [a.detach().unsqueeze(0) for a in A], [g.detach().unsqueeze(0) for g in G]
+
+
+@pytest.mark.parametrize("loss,fisher", [("cross_entropy", "exact"), ("cross_entropy", "empirical"),
+                                         ("mse", "exact"), ("mse", "empirical")])
+def test_factors_match_per_example_oracle(loss, fisher, rng):
+    seeded(rng)
+    outputs = 3 if loss == "cross_entropy" else 2
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, outputs)).to(DT)
+    x = torch.randn(6, 2, generator=rng, dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=rng) if loss == "cross_entropy" else torch.randn(6, 2, generator=rng, dtype=DT)
+    post = lf.kron_laplace(model, x, y, loss=loss, damping=0.3, scale=1.7, fisher=fisher)
+    A, G = per_example_factors(model, x, y, loss, fisher)
+    for got, want in zip(post.A + post.G, A + G):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(post.logdet(), reference.kron_logdet(A, G, damping=0.3, scale=1.7))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_mc_fisher_averages_to_exact(loss, rng):
+    """G from mc labels is an unbiased estimate of the exact G: many samples get close."""
+    seeded(rng)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    x = torch.randn(5, 2, generator=rng, dtype=DT)
+    y = torch.randint(0, 3, (5,), generator=rng) if loss == "cross_entropy" else torch.randn(5, 3, generator=rng, dtype=DT)
+    exact = lf.kron_laplace(model, x, y, loss=loss, damping=0.3)
+    mc = lf.kron_laplace(model, x, y, loss=loss, damping=0.3, fisher="mc", mc_samples=4000,
+                         generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng))))
+    for got, want in zip(mc.G, exact.G):
+        torch.testing.assert_close(got, want, rtol=0.1, atol=0.1 * want.abs().max().item())
+    for got, want in zip(mc.A, exact.A):
+        torch.testing.assert_close(got, want)
+
+
+def adapted_point_outputs(model, post, x):
+    """Outputs per task with the adapted weights loaded into the module (plain forward)."""
+    outs = []
+    for t in range(x.shape[0]):
+        params = {k: v[t] for k, v in post.params.items()}
+        outs.append(functional_call(model, params, (x[t],), strict=False))
+    return torch.stack(outs)
+
+
+def conv_setup(rng, device):
+    seeded(rng)
+    model = lf.models.conv4(in_channels=1, ways=3, hidden=4, image_size=16).to(DT).to(device)
+    x = torch.randn(2, 3, 1, 16, 16, generator=rng, dtype=DT).to(device)
+    y = torch.arange(3).expand(2, 3).contiguous().to(device)
+    return model, x, y
+
+
+def test_predict_point_estimate_classification(device, rng):
+    model, x, y = conv_setup(rng, device)
+    post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.4, inner_steps=3, damping=0.5)
+    query = torch.randn(2, 5, 1, 16, 16, generator=rng, dtype=DT).to(device)
+    probs = post.predict(query, num_samples=0)
+    expected = torch.softmax(adapted_point_outputs(model, post, query), -1)
+    torch.testing.assert_close(probs, expected)
+    # Adaptation moved the weights: the support set is fitted better than before.
+    before = nn.functional.cross_entropy(adapted_point_outputs(model, lf.kron_laplace(model, x[0], y[0], loss="cross_entropy", damping=0.5), x[:1])[0], y[0])
+    after = nn.functional.cross_entropy(torch.log(post.predict(x)[0]), y[0])
+    assert after < before
+    assert post.logdet().shape == (2,) and post.logdet().device.type == device.type
+
+
+def test_predict_point_estimate_regression(rng):
+    seeded(rng)
+    model = lf.models.mlp(hidden=(8, 8)).to(DT)
+    x = torch.randn(3, 5, 1, generator=rng, dtype=DT)
+    post = lf.adapt(model, x, torch.sin(x), loss="mse", inner_lr=0.05, inner_steps=2, damping=1.0)
+    query = torch.randn(3, 7, 1, generator=rng, dtype=DT)
+    mean, std = post.predict(query)
+    torch.testing.assert_close(mean, adapted_point_outputs(model, post, query))
+    torch.testing.assert_close(std, torch.ones_like(mean))   # sigma = 1 noise only
+
+
+def test_zero_steps_is_the_model(rng):
+    model, x, y = conv_setup(rng, "cpu")
+    post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.4, inner_steps=0, damping=0.5)
+    for name, value in post.params.items():
+        torch.testing.assert_close(value, model.get_parameter(name).detach().expand_as(value))
+    assert set(post.params) == set(lf.functional.inspect_model(model).fast)
+    assert not any("1." == k[:2] for k in post.params)  # BatchNorm is not adapted
+
+
+def test_adapt_errors(rng):
+    model, x, y = conv_setup(rng, "cpu")
+    with pytest.raises(ValueError, match="damping must be positive"):
+        lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=0.0)
+    with pytest.raises(ValueError, match="support_y has T=1 tasks but support_x has T=2"):
+        lf.adapt(model, x, y[:1], loss="cross_entropy", inner_lr=0.1, damping=1.0)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        lf.adapt(model, x, y, loss="nll", inner_lr=0.1, damping=1.0)
+    post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
+    with pytest.raises(ValueError, match=r"x must be a tensor \[T=2, M, ...\]"):
+        post.predict(x[:1])
+    with pytest.raises(ValueError, match="num_samples must be >= 0"):
+        post.predict(x, num_samples=-1)
+
+
+@pytest.mark.skipif(HAS_SAMPLE, reason="KronCurvature.sample is present")
+def test_sample_without_kron_sample_says_why(rng):
+    model, x, y = conv_setup(rng, "cpu")
+    post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
+    with pytest.raises(NotImplementedError, match="KronCurvature.sample"):
+        post.sample(2)
+
+
+@needs_sample
+def test_sample_shapes_and_fixed_batchnorm(device, rng):
+    model, x, y = conv_setup(rng, device)
+    post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
+    samples = post.sample(3, generator=torch.Generator(device=device.type).manual_seed(0))
+    for name, value in model.named_parameters():
+        assert samples[name].shape == (3, 2, *value.shape), name
+    spec = lf.functional.inspect_model(model)
+    for name in spec.slow:
+        torch.testing.assert_close(samples[name], model.get_parameter(name).detach().expand(3, 2, *model.get_parameter(name).shape))
+    for name in spec.fast:
+        assert not torch.equal(samples[name][0], post.params[name])
+
+
+@needs_sample
+def test_samples_have_the_posterior_mean_and_covariance(rng):
+    """Over many samples, the empirical mean is phi and the covariance of the homogeneous
+    weights of a layer is (s G (x) A + delta I)^-1."""
+    seeded(rng)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2)).to(DT)
+    x = torch.randn(1, 4, 2, generator=rng, dtype=DT)
+    post = lf.adapt(model, x, torch.randn(1, 4, 2, generator=rng, dtype=DT), loss="mse", inner_lr=0.1,
+                    damping=2.0, scale=0.5)
+    S = 20000
+    samples = post.sample(S, generator=torch.Generator().manual_seed(1))
+    W = torch.cat([samples["2.weight"], samples["2.bias"].unsqueeze(-1)], -1)[:, 0].reshape(S, -1)
+    mean = post.mean()[1][0].reshape(-1)
+    torch.testing.assert_close(W.mean(0), mean, rtol=0, atol=0.05)
+    H = 0.5 * torch.kron(post.G[1][0], post.A[1][0]) + 2.0 * torch.eye(6, dtype=DT)
+    cov = (W - mean).T @ (W - mean) / S
+    torch.testing.assert_close(cov, torch.linalg.inv(H), rtol=0, atol=0.03)
+
+
+@needs_sample
+def test_predict_with_samples(rng):
+    model, x, y = conv_setup(rng, "cpu")
+    post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1e8)
+    probs = post.predict(x, num_samples=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, dtype=DT))
+    # A very tight posterior (delta = 1e8) predicts like its mean.
+    torch.testing.assert_close(probs, post.predict(x), rtol=0, atol=1e-3)
+    seeded(rng)
+    reg = lf.models.mlp(hidden=(8,)).to(DT)
+    xs = torch.randn(2, 5, 1, generator=rng, dtype=DT)
+    mean, std = lf.adapt(reg, xs, xs.sin(), loss="mse", inner_lr=0.1, damping=0.5).predict(
+        xs, num_samples=16, generator=torch.Generator().manual_seed(0))
+    assert mean.shape == std.shape == (2, 5, 1) and bool((std > 1).all())
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_softmax_ggn_roots(classes, rng):
+    """C-1 cotangents whose outer products sum to diag(p) - p p^T, also for near one-hot p."""
+    from llama_fast.functional import softmax_ggn_roots
+    logits = torch.randn(6, classes, generator=rng, dtype=DT) * 3
+    logits[0, -1] = 60.0      # p ~ e_C: the Householder denominator stays >= 1
+    logits[1, 0] = 60.0       # p ~ e_1
+    log_p = torch.log_softmax(logits, -1)
+    p = log_p.exp()
+    U = softmax_ggn_roots(log_p)
+    assert U.shape == (classes - 1, 6, classes)
+    want = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    torch.testing.assert_close(torch.einsum("kni,knj->nij", U, U), want, rtol=0, atol=1e-14)
