@@ -15,6 +15,7 @@ from .eig import sym_eig  # noqa: E402
 from .kfac import kfac_factors  # noqa: E402
 from .logdet import kron_logdet  # noqa: E402
 from .lowrank import LowRankFactor  # noqa: E402
+from .sample import kron_sample  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "chol_logdet",
     "kfac_factors",
     "kron_logdet",
+    "kron_sample",
     "sym_eig",
     "reference",
     "__version__",
