@@ -44,14 +44,4 @@ LF_HOST_DEVICE Acc scaled_normal_std(const ScaledNormalLayer& layer, const T* da
   return kron_posterior_std<Acc>(mu, lambda, scale, static_cast<Acc>(damping[t]));
 }
 
-// Box-Muller: two independent N(0, 1) from two uniforms in [0, 1) (as ATen's CPU normal_:
-// 1 - u1 keeps the logarithm finite).
-template <typename T>
-LF_HOST_DEVICE void box_muller(T u1, T u2, T* z0, T* z1) {
-  const T radius = sqrt(T(-2) * log(T(1) - u1));
-  const T theta = T(2) * T(3.14159265358979323846) * u2;
-  *z0 = radius * cos(theta);
-  *z1 = radius * sin(theta);
-}
-
 }  // namespace llama_fast
