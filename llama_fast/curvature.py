@@ -254,9 +254,14 @@ class KronCurvature:
                 Zn = _fold(Z_null[l])  # [T, S*o, i']
                 # E = Zn + (Q_G Z_1 - Zn V) V^T: one product with V^T for both parts.
                 E = torch.baddbmm(Zn, _fold(GZ) - torch.bmm(Zn, V), V.mT)
+                E = _unfold(E, S)
+            elif A.shape[-1] <= GZ.shape[-2]:
+                # i' <= o: torch.matmul's copy of Q_A^T per draw is no bigger than the fold's
+                # copy of GZ, and the result comes out contiguous.
+                E = torch.matmul(GZ, self.evecs_A[l].detach().mT)
             else:
-                E = torch.bmm(_fold(GZ), self.evecs_A[l].detach().mT)
-            out.append((_unfold(E, S) + means[l]).contiguous())
+                E = _unfold(torch.bmm(_fold(GZ), self.evecs_A[l].detach().mT), S)
+            out.append((E + means[l]).contiguous())
         return out[0] if single else out
 
     def _eig_denominator(self, l, lam):
