@@ -11,8 +11,6 @@ import llama_fast as lf
 from llama_fast import reference
 
 DT = torch.float64
-HAS_SAMPLE = hasattr(lf.KronCurvature, "sample")
-needs_sample = pytest.mark.skipif(not HAS_SAMPLE, reason="KronCurvature.sample lands with the sampling branch")
 
 
 def seeded(rng):
@@ -158,7 +156,6 @@ def test_sample_without_kron_sample_says_why(rng):
         post.sample(2)
 
 
-@needs_sample
 def test_sample_shapes_and_fixed_batchnorm(device, rng):
     model, x, y = conv_setup(rng, device)
     post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
@@ -172,7 +169,6 @@ def test_sample_shapes_and_fixed_batchnorm(device, rng):
         assert not torch.equal(samples[name][0], post.params[name])
 
 
-@needs_sample
 def test_samples_have_the_posterior_mean_and_covariance(rng):
     """Over many samples, the empirical mean is phi and the covariance of the homogeneous
     weights of a layer is (s G (x) A + delta I)^-1."""
@@ -191,7 +187,6 @@ def test_samples_have_the_posterior_mean_and_covariance(rng):
     torch.testing.assert_close(cov, torch.linalg.inv(H), rtol=0, atol=0.03)
 
 
-@needs_sample
 def test_predict_with_samples(rng):
     model, x, y = conv_setup(rng, "cpu")
     post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1e8)
