@@ -67,9 +67,6 @@ class TaskPosterior:
         num_samples = int(num_samples)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not hasattr(self.curvature, "sample"):
-            raise NotImplementedError("TaskPosterior.sample needs KronCurvature.sample "
-                                      "(it lands with the sampling branch)")
         drawn = self.curvature.sample(self.mean(), num_samples=num_samples, generator=generator)
         out = {}
         for layer, E in zip(self.spec.layers, drawn):

@@ -123,11 +123,14 @@ def test_decode_image_inverts_and_resizes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def splits(request):
+def splits(request, tmp_path_factory):
     # Decoded images are cached in pytest's cache folder (.pytest_cache, git-ignored): the first
     # run decodes (~6 s), later ones load. A stale cache cannot hide a decoding change:
     # test_unpacked_folder_matches_zip_and_disk_cache compares a fresh decode against it.
-    cache = request.config.cache.mkdir("llama_fast_omniglot")
+    # With the cache plugin off (-p no:cacheprovider) a temporary folder serves.
+    pytest_cache = getattr(request.config, "cache", None)
+    cache = (pytest_cache.mkdir("llama_fast_omniglot") if pytest_cache is not None
+             else tmp_path_factory.mktemp("llama_fast_omniglot"))
     return data.omniglot_splits(OMNIGLOT, layout="small", cache_dir=cache)
 
 

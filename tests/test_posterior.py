@@ -148,14 +148,6 @@ def test_adapt_errors(rng):
         post.predict(x, num_samples=-1)
 
 
-@pytest.mark.skipif(HAS_SAMPLE, reason="KronCurvature.sample is present")
-def test_sample_without_kron_sample_says_why(rng):
-    model, x, y = conv_setup(rng, "cpu")
-    post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
-    with pytest.raises(NotImplementedError, match="KronCurvature.sample"):
-        post.sample(2)
-
-
 def test_sample_shapes_and_fixed_batchnorm(device, rng):
     model, x, y = conv_setup(rng, device)
     post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
