@@ -253,10 +253,10 @@ class GradientSync:
                     bucket.buffer[start:start + bucket.params[index].numel()].zero_()
                     bucket.filled.add(index)
         self._launch_ready()
-        self.metrics_work.wait()
+        _wait(self.metrics_work)
         total_tasks = self.metrics[0]    # a tensor: no host sync on CUDA
         for bucket in self.buckets:
-            bucket.work.wait()
+            _wait(bucket.work)
             bucket.buffer.div_(total_tasks)
             for p, start in zip(bucket.params, bucket.offsets):
                 if p.grad is not None:   # leave None where autograd left None (as single-process)
@@ -265,6 +265,17 @@ class GradientSync:
             bucket.work = None
         self.next_launch = 0
         _store_global_metrics(result, self.metrics)
+
+
+def _wait(work) -> None:
+    """Wait for an all-reduce; if it fails (a peer died or the timeout passed), say so with
+    this rank's number: the peer's own log (or torchrun's summary) has the root cause."""
+    try:
+        work.wait()
+    except RuntimeError as error:
+        raise RuntimeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: the meta_step "
+                           f"all-reduce failed, most likely because another rank failed or stalled "
+                           f"(see its log; torchrun's summary names it): {error}") from error
 
 
 _METRICS = ("meta_loss", "query_loss", "query_accuracy", "logdet")

@@ -7,11 +7,13 @@ step (``sinusoid_tasks``, a function of the step only) and runs ``meta_step`` wi
 process group, for each of the comma-separated ALGORITHMS in turn (one launch for all: process
 start-up dominates); rank r saves its final parameters and step metrics per algorithm to
 OUT_DIR/rank{r}.pt. With
-FAIL_RANK, that rank raises after FAIL_AFTER steps (the failure-handling test).
+FAIL_RANK, that rank raises after FAIL_AFTER steps (the failure-handling tests), or with
+LF_TEST_FAIL_MODE=hang sleeps there without joining the collective.
 """
 
 import os
 import sys
+import time
 
 import torch
 
@@ -49,6 +51,9 @@ def train(algorithm, steps, tasks, rank=0, world_size=1, group=None, fail_rank=-
     history = []
     for step in range(steps):
         if rank == fail_rank and step == fail_after:
+            if os.environ.get("LF_TEST_FAIL_MODE") == "hang":   # alive but never joins the step
+                print(f"rank {rank} hangs at step {step}", flush=True)
+                time.sleep(600)
             raise RuntimeError(f"injected failure on rank {rank} at step {step}")
         batch = distributed.shard_batch(sinusoid_tasks(step, tasks), rank, world_size)
         out = lf.meta_step(model, batch, opt, process_group=group, **SETTINGS[algorithm])
