@@ -10,7 +10,6 @@ slowest rank's (barrier before, MAX all-reduce after). Rank 0 prints the best st
 global tasks/s per algorithm, one line each.
 """
 
-import os
 import sys
 import time
 

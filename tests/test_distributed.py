@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import dist_worker
+import llama_fast as lf
 from llama_fast import distributed
 
 HERE = Path(__file__).parent
@@ -140,6 +141,5 @@ def test_single_process_context_and_errors(monkeypatch):
 def test_meta_step_process_group_needs_init():
     model, opt = dist_worker.make_model_and_optimizer()
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
-        import llama_fast as lf
         lf.meta_step(model, dist_worker.sinusoid_tasks(0, 2), opt, process_group=object(),
                      **dist_worker.SETTINGS["maml"])
