@@ -199,13 +199,14 @@ class GradientSync:
     into ``p.grad`` and the global metrics into the result.
     """
 
-    def __init__(self, model: torch.nn.Module, group, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(self, model: torch.nn.Module, group, bucket_bytes: int | None = None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("meta_step(process_group=...) needs torch.distributed initialised "
                                "(llama_fast.distributed.init_from_env under torchrun)")
         self.group = group
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.buckets = _make_buckets(self.params, bucket_bytes)
+        # Read at call time, so that the module-level default can be changed (tests do).
+        self.buckets = _make_buckets(self.params, bucket_bytes or DEFAULT_BUCKET_BYTES)
         self.slot = {}
         for bucket in self.buckets:
             for index, p in enumerate(bucket.params):

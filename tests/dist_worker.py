@@ -43,8 +43,15 @@ def make_model_and_optimizer():
     return model, torch.optim.Adam(model.parameters(), lr=1e-2)
 
 
+# LLAMA runs with 512-byte gradient buckets (the 16-16 MLP's float64 gradients then travel in
+# 3 buckets: head + layer-2 bias, layer-2 weight, layer 1; launched from the hooks in order);
+# MAML with the default cap (one bucket).
+BUCKET_BYTES = {"maml": distributed.DEFAULT_BUCKET_BYTES, "llama": 512}
+
+
 def train(algorithm, steps, tasks, rank=0, world_size=1, group=None, fail_rank=-1, fail_after=-1):
     """(model, [global_means per step]) after `steps` meta-steps on this rank's shards."""
+    distributed.DEFAULT_BUCKET_BYTES = BUCKET_BYTES[algorithm]
     model, opt = make_model_and_optimizer()
     if group is not None:
         distributed.broadcast_parameters(model, group)

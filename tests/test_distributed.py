@@ -124,6 +124,20 @@ def test_shard_sizes_and_batches():
     assert distributed.shard_seed(0, 0) != distributed.shard_seed(0, 1)
 
 
+def test_buckets_follow_reverse_order_dtype_and_cap():
+    from llama_fast.distributed import _make_buckets
+
+    params = [torch.zeros(10, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+              torch.zeros(4, dtype=torch.float32), torch.zeros(5, dtype=torch.float64)]
+    buckets = _make_buckets(params, cap_bytes=12 * 8)
+    # Reverse order; a new bucket at a dtype change or when the cap would be exceeded.
+    assert [[p.numel() for p in b.params] for b in buckets] == [[5], [4], [3], [10]]
+    assert [b.buffer.dtype for b in buckets] == [torch.float64, torch.float32, torch.float64, torch.float64]
+    assert [len(b.params) for b in _make_buckets(params[:2], cap_bytes=2**20)] == [2]
+    model, _ = dist_worker.make_model_and_optimizer()
+    assert len(_make_buckets(list(model.parameters()), dist_worker.BUCKET_BYTES["llama"])) == 3
+
+
 def test_single_process_context_and_errors(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     ctx = distributed.init_from_env(timeout=5)
