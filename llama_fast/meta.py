@@ -126,6 +126,12 @@ class MetaStepResult:
         query_accuracy: ``[T]`` query accuracy per task (cross_entropy), else None.
         timings: seconds per phase when ``timings=True`` ("forward": inner loop, query loss
             and capture; "curvature": factors and log-det; "backward"; "step"; "total").
+        global_means: set by meta_step: ``{"tasks": T, "meta_loss": ..., "query_loss": ...,
+            "query_accuracy": ..., "logdet": ...}`` (0-dim float64 tensors, so that no value
+            forces a host sync; accuracy and log-det only where computed), the means over the
+            whole meta-batch. With ``process_group`` these are
+            all-reduced over the ranks (identical everywhere) and ``meta_loss`` is the global
+            meta-loss, while the per-task tensors hold this rank's shard only.
     """
 
     meta_loss: torch.Tensor
@@ -133,6 +139,18 @@ class MetaStepResult:
     logdet: torch.Tensor | None = None
     query_accuracy: torch.Tensor | None = None
     timings: dict | None = None
+    global_means: dict | None = None
+
+
+def _local_means(result, tasks):
+    """global_means of a single-process step: the means over this batch."""
+    f64 = dict(dtype=torch.float64, device=result.meta_loss.device)
+    means = {"tasks": torch.tensor(float(tasks), **f64), "meta_loss": result.meta_loss.to(**f64)}
+    for name in ("query_loss", "query_accuracy", "logdet"):
+        value = getattr(result, name)
+        if value is not None:
+            means[name] = value.to(**f64).mean()
+    return means
 
 
 def _choice(value, options, name):
@@ -358,7 +376,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
 def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy", inner_lr=None,
               inner_steps=1, eta=None, damping=None, scale=1.0, fisher="exact",
               curvature_on="support", first_order=False, prior_term=False, backend="kernels",
-              mc_samples=1, generator=None, timings=False):
+              mc_samples=1, generator=None, timings=False, process_group=None):
     """One meta-training step on a TaskBatch: adapt all tasks, meta-loss, backward, step.
 
     Args:
@@ -385,6 +403,15 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
         backend: "kernels" (llama_fast ops; low-rank A where cheaper) or "reference"
             (llama_fast.reference, dense): same math, for comparisons.
         timings: record wall-clock seconds per phase in the result.
+        process_group: None (single process), or a torch.distributed process group (e.g.
+            ``torch.distributed.group.WORLD``, or ``init_from_env().group``) for data-parallel
+            meta-training: ``batch`` is this rank's shard and the global meta-batch is the union
+            of the ranks' shards (sizes may differ, each >= 1 task). The meta-gradient of the
+            mean objective over all tasks is formed by a task-weighted, bucketed all-reduce
+            overlapped with the backward where autograd allows (llama_fast.distributed), so
+            every rank takes the identical optimizer step; the metrics in ``global_means``
+            and ``meta_loss`` are global. Per-rank randomness (the mc Fisher's ``generator``,
+            the task sampler) must be seeded per rank (``distributed.shard_seed``).
 
     Returns:
         :class:`MetaStepResult`.
@@ -392,13 +419,27 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     clock = _Clock(bool(timings), batch.device if isinstance(batch, TaskBatch) else torch.device("cpu"))
+    sync = None
+    if process_group is not None:
+        from .distributed import GradientSync
+        sync = GradientSync(model, process_group)
     optimizer.zero_grad(set_to_none=True)
     meta_loss, result = meta_objective(
         model, batch, algorithm=algorithm, loss=loss, inner_lr=inner_lr, inner_steps=inner_steps,
         eta=eta, damping=damping, scale=scale, fisher=fisher, curvature_on=curvature_on,
         first_order=first_order, prior_term=prior_term, backend=backend, mc_samples=mc_samples,
         generator=generator, clock=clock)
-    meta_loss.backward()
+    if sync is None:
+        meta_loss.backward()
+        result.global_means = _local_means(result, batch.tasks)
+    else:
+        sync.start(result, batch.tasks)
+        try:
+            meta_loss.backward()
+        except BaseException:
+            sync.abort()
+            raise
+        sync.finish(result)
     clock.lap("backward")
     optimizer.step()
     clock.lap("step")
