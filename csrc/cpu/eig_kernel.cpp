@@ -75,13 +75,19 @@ int jacobi_eig(const T* M, int64_t d, T* evals, T* evecs) {
   return converged ? 0 : 1;
 }
 
-// LAPACK on the whole batch; if it reports a failure, matrix by matrix to set each info.
-void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info) {
-  try {
-    std::tie(evals, evecs) = at::linalg_eigh(flat);
-    return;
-  } catch (const c10::Error&) {
-  }
+// Matrix b of the batch by the shared Jacobi solver, into evals[b] / evecs[b] (contiguous).
+void jacobi_one(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info,
+                int64_t b) {
+  const int64_t d = flat.size(-1);
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "sym_eig_jacobi_one", [&] {
+    info.data_ptr<int>()[b] = jacobi_eig(flat.data_ptr<scalar_t>() + b * d * d, d,
+                                         evals.data_ptr<scalar_t>() + b * d,
+                                         evecs.data_ptr<scalar_t>() + b * d * d);
+  });
+}
+
+// LAPACK matrix by matrix, NaN where it gives up (after the batched call reported a failure).
+void lapack_eig_each(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs) {
   for (int64_t b = 0; b < flat.size(0); ++b) {
     try {
       auto [w, Q] = at::linalg_eigh(flat[b]);
@@ -89,9 +95,30 @@ void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
       evecs[b].copy_(Q);
     } catch (const c10::Error&) {
       evals[b].fill_(std::numeric_limits<double>::quiet_NaN());
-      evecs[b].fill_(std::numeric_limits<double>::quiet_NaN());
-      info[b] = 1;
     }
+  }
+}
+
+// LAPACK on the whole batch, then the shared Jacobi solver for every matrix LAPACK failed on:
+// syevd (MKL, float32) fails on some PSD matrices with many exact and near-zero eigenvalues
+// (K-FAC factors of dead ReLU units), either with an error or, worse, silently with NaN
+// eigenvalues (2 and 1 of 600 such sinusoid factors). Jacobi converges on them. A matrix
+// that is itself non-finite keeps NaN eigenvalues and info 1.
+void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info) {
+  try {
+    std::tie(evals, evecs) = at::linalg_eigh(flat);
+    evals = evals.contiguous();
+    evecs = evecs.contiguous();
+  } catch (const c10::Error&) {
+    lapack_eig_each(flat, evals, evecs);
+  }
+  const at::Tensor failed = at::logical_not(at::isfinite(evals).all(-1)).nonzero().flatten();
+  const int64_t* index = failed.data_ptr<int64_t>();
+  for (int64_t k = 0; k < failed.numel(); ++k) {
+    if (at::isfinite(flat[index[k]]).all().item<bool>())
+      jacobi_one(flat, evals, evecs, info, index[k]);
+    else
+      info.data_ptr<int>()[index[k]] = 1;
   }
 }
 

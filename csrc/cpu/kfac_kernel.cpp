@@ -231,9 +231,23 @@ std::vector<at::Tensor> lower_panels(const GramProblem& p, const at::Tensor& x) 
   return panels;
 }
 
-// One fused pass per task: the scaled lower-triangle panels and their mirror image into
-// `out` (only entries on or below the diagonal are read, so the result is exactly
-// symmetric), then the bias row from column sums and the corner.
+// Copies the strict lower triangle of the leading `n` x `n` block of `out` (row stride
+// `width`) onto the upper one, in small square blocks so that the strided side of the
+// transpose stays within a few cache lines.
+template <typename T>
+void mirror_lower_to_upper(T* out, int64_t width, int64_t n) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    for (int64_t j0 = 0; j0 <= i0; j0 += kBlock) {
+      for (int64_t i = i0; i < std::min(i0 + kBlock, n); ++i)
+        for (int64_t j = j0; j < std::min(j0 + kBlock, i); ++j) out[j * width + i] = out[i * width + j];
+    }
+  }
+}
+
+// Per task: the scaled lower-triangle panels row by row into `out` (contiguous, vectorised),
+// then their mirror image (only entries on or below the diagonal are read, so the result is
+// exactly symmetric), then the bias row from column sums and the corner.
 template <typename T>
 void finish_task_blas(const GramProblem& p, const std::vector<at::Tensor>& panels, int64_t task) {
   using acc_t = at::opmath_type<T>;
@@ -245,13 +259,13 @@ void finish_task_blas(const GramProblem& p, const std::vector<at::Tensor>& panel
     const int64_t bw = panels[b].size(2);
     const T* panel = panels[b].data_ptr<T>() + task * panels[b].stride(0);
     for (int64_t r = c0; r < p.cols; ++r) {
-      for (int64_t c = c0; c < std::min(c0 + bw, r + 1); ++c) {
-        const T v = scale * panel[(r - c0) * bw + (c - c0)];
-        out[r * width + c] = v;
-        out[c * width + r] = v;
-      }
+      const T* src = panel + (r - c0) * bw;
+      T* dst = out + r * width + c0;
+      const int64_t n = std::min(bw, r + 1 - c0);
+      for (int64_t k = 0; k < n; ++k) dst[k] = scale * src[k];
     }
   }
+  mirror_lower_to_upper(out, width, p.cols);
   if (!p.ones) return;
   const T* x = static_cast<const T*>(p.x) + task * p.stride_t;
   std::vector<acc_t> sums(p.cols, acc_t(0));
