@@ -28,4 +28,12 @@ TORCH_LIBRARY(llama_fast, m) {
   // Batched Cholesky factorisation of SPD M [..., d, d] with log det M = 2 sum log diag(L);
   // info is 0 or the first non-positive pivot + 1 (logdet NaN there), never an exception.
   m.def("chol_logdet(Tensor M) -> (Tensor logdet, Tensor L, Tensor info)");
+  // Gaussian posterior sampling in the eigenbases, all layers and tasks at once: per layer
+  //   out[l] [S, T, g_l, a_l] = Z * (scale * mu_p * lambda_q + damping[t])^(-1/2),  Z iid N(0, 1)
+  // (mu: evals_G[l], lambda: evals_A[l], negative round-off clamped to 0), drawn from the
+  // given generator or the default one of the device (torch.manual_seed governs it).
+  m.def(
+      "kron_scaled_normal(Tensor[] evals_A, Tensor[] evals_G, Tensor damping, float scale,"
+      " int num_samples, Generator? generator=None) -> Tensor[]",
+      {at::Tag::nondeterministic_seeded});
 }

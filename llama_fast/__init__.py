@@ -18,6 +18,7 @@ from .lowrank import LowRankFactor  # noqa: E402
 from . import models  # noqa: E402
 from .meta import MetaStepResult, TaskBatch, meta_step  # noqa: E402
 from .posterior import TaskPosterior, adapt, kron_laplace  # noqa: E402
+from .sample import kron_sample  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "chol_logdet",
     "kfac_factors",
     "kron_logdet",
+    "kron_sample",
     "sym_eig",
     "reference",
     "__version__",

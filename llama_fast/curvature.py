@@ -4,10 +4,22 @@ eigendecompositions cached.
 Per layer ``H_l = s * (G_l (x) A_l) + delta * I`` (DESIGN.md section 1). Building one runs the
 eigendecompositions of every factor once (``torch.ops.llama_fast.kron_logdet_exact``); the
 log-determinant is then at hand, differentiable, and the eigenbases are kept for what needs
-them next (posterior sampling, solves).
+them next: posterior sampling (``sample``: the fused op ``torch.ops.llama_fast.kron_scaled_normal``
+draws the eigenbasis coordinates, two batched matmuls rotate them), ``solve`` (``H^-1 v``) and
+``precision_matvec`` (``H v``).
+
+Matrices ``V`` of a layer are shaped like its homogeneous weight ``[o, i']`` (G is o x o, A is
+i' x i'); with PyTorch's row-major vec, ``H vec(V) = vec(s * G V A + delta * V)``.
+
+Low-rank ``A = s_a * R^T R`` (R = abar rows ``[T, N, i']``) is never materialised: with the
+dual's eigendecomposition ``s_a R R^T = U diag(Lambda) U^T``, the orthonormal eigenvectors of A
+with nonzero eigenvalues are ``V_A = sqrt(s_a) R^T U Lambda^(-1/2)`` (``[T, i', N]``; columns
+of Lambda below ``N_max * eps * max Lambda`` are treated as zeros and dropped, i.e. zeroed), and
+every direction orthogonal to them has eigenvalue 0 (precision exactly ``delta`` there).
 """
 
 import math
+import numbers
 
 import torch
 
@@ -121,3 +133,200 @@ class KronCurvature:
     def logdet(self) -> torch.Tensor:
         """``sum_l log det H_l`` per task, ``[T]``; differentiable (single backward)."""
         return self._logdet
+
+    # ---- sampling, solves, products -----------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.damping.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.damping.device
+
+    def layer_shape(self, l: int) -> tuple:
+        """``(o, i')``: the shape of layer l's homogeneous weight (G is o x o, A is i' x i')."""
+        return self.factors_G[l].shape[-1], self.factors_A[l].shape[-1]
+
+    def _per_layer(self, X, name, exact):
+        """(list of per-layer tensors, single) for a tensor (one layer) or a list per layer;
+        each shaped ``[T, o, i']`` (``exact``) or ``[..., T, o, i']``, with the factors' dtype
+        and device."""
+        single = isinstance(X, torch.Tensor)
+        if single:
+            if self.layers != 1:
+                raise ValueError(f"{name} must be a list with one tensor per layer ({self.layers} "
+                                 "layers), got a single tensor")
+            X = [X]
+        elif not isinstance(X, (list, tuple)):
+            raise TypeError(f"{name} must be a tensor or a list of tensors (one per layer), "
+                            f"got {type(X).__name__}")
+        if len(X) != self.layers:
+            raise ValueError(f"{name} has {len(X)} entries but the curvature has {self.layers} layers")
+        for l, x in enumerate(X):
+            nm = f"{name}[{l}]" if not single else name
+            _checks.check_tensor(x, nm)
+            o, i = self.layer_shape(l)
+            want = (self.tasks, o, i)
+            if (x.dim() != 3 if exact else x.dim() < 3) or tuple(x.shape[-3:]) != want:
+                lead = "" if exact else "..., "
+                raise ValueError(f"{nm} must have shape [{lead}T={self.tasks}, o={o}, i'={i}] "
+                                 f"(layer {l}: G is {o} x {o}, A is {i} x {i}), got {tuple(x.shape)}")
+            if x.dtype != self.dtype or x.device != self.device:
+                raise ValueError(f"{nm} must have the factors' dtype {self.dtype} and device "
+                                 f"{self.device}, got {x.dtype} on {x.device}")
+        return list(X), single
+
+    def _rows_bar(self, l):
+        """R = abar rows [T, N, i'] of a low-rank A (the bias column of ones appended)."""
+        A = self.factors_A[l]
+        rows = A.rows.detach()
+        if A.bias:
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        return rows
+
+    def _low_rank_basis(self, l):
+        """(V_A [T, i', N], Lambda [T, N]) of a low-rank A, cached: orthonormal eigenvectors
+        of the nonzero eigenvalues; dropped (tiny) ones have a zero column and Lambda 0."""
+        cache = self.__dict__.setdefault("_basis_cache", {})
+        if l not in cache:
+            A = self.factors_A[l]
+            lam, U = self.evals_A[l].detach(), self.evecs_A[l].detach()
+            tol = lam.amax(-1, keepdim=True).clamp_min(0) * max(lam.shape[-1], 1) * torch.finfo(lam.dtype).eps
+            keep = lam > tol
+            lam = torch.where(keep, lam, torch.zeros_like(lam))
+            inv_root = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), torch.zeros_like(lam))
+            V = math.sqrt(A.scale) * (self._rows_bar(l).mT @ U) * inv_root.unsqueeze(-2)
+            cache[l] = (V, lam)
+        return cache[l]
+
+    def sample(self, mean, num_samples=1, generator=None):
+        """Draws ``phi ~ N(mean, H^-1)`` for every task and layer.
+
+        Per layer ``phi = mean + Q_G [Z * (s mu lambda^T + delta)^(-1/2)] Q_A^T``, Z iid N(0, 1)
+        from ``generator`` (a ``torch.Generator`` on the factors' device) or the device's
+        default generator (``torch.manual_seed`` governs it). Low-rank ``A``: ``Q_G [Z_1 *
+        (s mu Lambda^T + delta)^(-1/2)] V_A^T + delta^(-1/2) (Z_2 - Z_2 V_A V_A^T)``, with no
+        i' x i' matrix formed. All layers' normals come from one op call.
+
+        Args:
+            mean: ``[T, o, i']`` for a one-layer curvature, or a list with one per layer.
+            num_samples: S >= 1.
+
+        Returns:
+            ``[S, T, o, i']`` (a list of them for list input). Differentiable with respect to
+            ``mean`` (reparameterisation: the Jacobian is the identity); the factors, damping
+            and scale are constants here (no gradient flows to them through the draw).
+        """
+        means, single = self._per_layer(mean, "mean", exact=True)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+        S = int(num_samples)
+        if S < 1:
+            raise ValueError(f"num_samples must be >= 1, got {S}")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            if generator.device.type != self.device.type:
+                raise ValueError(f"generator is on {generator.device} but the factors are on {self.device}")
+        evals_A, evals_G, null_layers, null_A = [], [], [], []
+        for l, A in enumerate(self.factors_A):
+            mu = self.evals_G[l].detach()
+            evals_G.append(mu)
+            if isinstance(A, LowRankFactor):
+                evals_A.append(self._low_rank_basis(l)[1])
+                # Extra op entries with zero eigenvalues: normals scaled by delta^(-1/2) for the
+                # null space of A.
+                null_layers.append(l)
+                null_A.append(mu.new_zeros(self.tasks, A.width))
+            else:
+                evals_A.append(self.evals_A[l].detach())
+        Z = torch.ops.llama_fast.kron_scaled_normal(
+            evals_A + null_A, evals_G + [evals_G[l] for l in null_layers],
+            self.damping.detach(), self.scale, S, generator)
+        Z_null = dict(zip(null_layers, Z[self.layers:]))
+        out = []
+        for l, A in enumerate(self.factors_A):
+            Q_G = self.evecs_G[l].detach()
+            GZ = torch.matmul(Q_G, Z[l])  # [S, T, o, a]
+            if isinstance(A, LowRankFactor):
+                V, _ = self._low_rank_basis(l)
+                Zn = _fold(Z_null[l])  # [T, S*o, i']
+                # E = Zn + (Q_G Z_1 - Zn V) V^T: one product with V^T for both parts.
+                E = torch.baddbmm(Zn, _fold(GZ) - torch.bmm(Zn, V), V.mT)
+                E = _unfold(E, S)
+            elif A.shape[-1] <= GZ.shape[-2]:
+                # i' <= o: torch.matmul's copy of Q_A^T per draw is no bigger than the fold's
+                # copy of GZ, and the result comes out contiguous.
+                E = torch.matmul(GZ, self.evecs_A[l].detach().mT)
+            else:
+                E = _unfold(torch.bmm(_fold(GZ), self.evecs_A[l].detach().mT), S)
+            out.append((E + means[l]).contiguous())
+        return out[0] if single else out
+
+    def _eig_denominator(self, l, lam):
+        """s * mu lambda^T + delta, [T, o, a] (negative round-off clamped to 0)."""
+        mu = self.evals_G[l].detach().clamp_min(0)
+        return self.scale * mu.unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2) + self.damping.detach()[:, None, None]
+
+    def solve(self, V):
+        """``H^-1 v`` per layer: ``Q_G [(Q_G^T V Q_A) / (s mu lambda^T + delta)] Q_A^T``; for a
+        low-rank A, the part of V in span(V_A) that way and ``(V - V V_A V_A^T) / delta`` for the
+        rest. ``V``: ``[..., T, o, i']`` (or a list per layer); returns the same structure.
+        Constants: the factors (no gradient to them); linear in V (differentiable)."""
+        Xs, single = self._per_layer(V, "V", exact=False)
+        out = []
+        for l, X in enumerate(Xs):
+            lead = X.shape[:-3]
+            X4 = X.reshape(-1, *X.shape[-3:])
+            B = X4.shape[0]
+            Q_G = self.evecs_G[l].detach()
+            delta = self.damping.detach()[:, None, None]
+            if isinstance(self.factors_A[l], LowRankFactor):
+                V_A, lam = self._low_rank_basis(l)
+                Xf = _fold(X4)
+                Y = torch.bmm(Xf, V_A)  # [T, B*o, N]
+                core = torch.matmul(Q_G.mT, _unfold(Y, B)) / self._eig_denominator(l, lam)
+                # (X - Y V_A^T) / delta + (Q_G core) V_A^T
+                R = torch.baddbmm(Xf / delta, _fold(torch.matmul(Q_G, core)) - Y / delta, V_A.mT)
+            else:
+                Q_A = self.evecs_A[l].detach()
+                core = torch.matmul(Q_G.mT, _unfold(torch.bmm(_fold(X4), Q_A), B))
+                core = core / self._eig_denominator(l, self.evals_A[l].detach())
+                R = torch.bmm(_fold(torch.matmul(Q_G, core)), Q_A.mT)
+            out.append(_unfold(R, B).reshape(*lead, *X.shape[-3:]))
+        return out[0] if single else out
+
+    def precision_matvec(self, V):
+        """``H v = s * G V A + delta * V`` per layer (a low-rank ``A = s_a R^T R`` through its
+        rows: ``s_a (V R^T) R``, never i' x i'). ``V``: ``[..., T, o, i']`` (or a list per
+        layer); returns the same structure. The factors are constants (detached)."""
+        Xs, single = self._per_layer(V, "V", exact=False)
+        out = []
+        for l, X in enumerate(Xs):
+            lead = X.shape[:-3]
+            X4 = X.reshape(-1, *X.shape[-3:])
+            B = X4.shape[0]
+            A = self.factors_A[l]
+            G = self.factors_G[l].detach()
+            if isinstance(A, LowRankFactor):
+                R = self._rows_bar(l)
+                XA = A.scale * torch.bmm(torch.bmm(_fold(X4), R.mT), R)
+            else:
+                XA = torch.bmm(_fold(X4), A.detach())
+            GXA = torch.matmul(G, _unfold(XA, B))
+            out.append((self.scale * GXA + self.damping.detach()[:, None, None] * X4).reshape(*lead, *X.shape[-3:]))
+        return out[0] if single else out
+
+
+def _fold(X):
+    """[S, T, o, a] -> [T, S*o, a] (T becomes the batch of a bmm against a per-task matrix;
+    torch.matmul would instead copy that matrix S times)."""
+    S, T, o, a = X.shape
+    return X.transpose(0, 1).reshape(T, S * o, a)
+
+
+def _unfold(Y, S):
+    """[T, S*o, a] -> [S, T, o, a] (a view)."""
+    T, So, a = Y.shape
+    return Y.view(T, S, So // S, a).transpose(0, 1)

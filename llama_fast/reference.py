@@ -7,7 +7,8 @@ plainest way torch allows, and takes the same arguments.
 import torch
 
 __all__ = ["kfac_factors", "sym_eig", "kron_logdet", "kron_logdet_dense", "chol_logdet",
-           "maml_loop"]
+           "maml_loop", "kron_sample", "kron_sample_from_eigs", "kron_precision_dense", "kron_solve",
+           "kron_precision_matvec"]
 
 
 def _layer_factors(a, g, bias, a_scale, g_scale):
@@ -141,3 +142,54 @@ def maml_loop(model, batch, *, loss, inner_lr, inner_steps=1, first_order=False)
         out = functional_call(model, {**params, **fast}, (batch.query_x[t],))
         losses.append(_mean_loss(out, batch.query_y[t], loss))
     return torch.stack(losses).mean()
+
+
+def _dense_A(A):
+    # A LowRankFactor (llama_fast.lowrank) is materialised here: the oracle has no low-rank path.
+    return A.dense() if hasattr(A, "dense") else A
+
+
+def kron_sample_from_eigs(mean, evals_A, evecs_A, evals_G, evecs_G, damping=1.0, scale=1.0,
+                          num_samples=1, generator=None):
+    """One layer from given eigendecompositions: mean + Q_G [Z * (s mu lambda^T + delta)^(-1/2)]
+    Q_A^T with Z = torch.randn([S, T, o, i']) (negative round-off eigenvalues clamped to 0)."""
+    T = mean.shape[0]
+    delta = _damping(damping, T, mean)
+    std = (scale * evals_G.clamp_min(0).unsqueeze(-1) * evals_A.clamp_min(0).unsqueeze(-2)
+           + delta[:, None, None]).rsqrt()
+    Z = torch.randn((num_samples, *std.shape), generator=generator, dtype=mean.dtype, device=mean.device)
+    return mean + evecs_G @ (Z * std) @ evecs_A.mT
+
+
+def kron_sample(mean, A, G=None, damping=1.0, scale=1.0, num_samples=1, generator=None):
+    """Samples mean + E, vec(E) ~ N(0, (s G (x) A + delta I)^-1): torch.linalg.eigh of each
+    factor, torch.randn and two matmuls per layer. Same argument forms as llama_fast's."""
+    A_list, G_list = _layers(A, G)
+    means = [mean] if isinstance(mean, torch.Tensor) else list(mean)
+    out = []
+    for m, A_l, G_l in zip(means, A_list, G_list):
+        lam, Q_A = torch.linalg.eigh(_dense_A(A_l))
+        mu, Q_G = torch.linalg.eigh(G_l)
+        out.append(kron_sample_from_eigs(m, lam, Q_A, mu, Q_G, damping, scale, num_samples, generator))
+    return out[0] if isinstance(mean, torch.Tensor) else out
+
+
+def kron_precision_dense(A, G, damping=1.0, scale=1.0):
+    """H = s * kron(G, A) + delta * I per task, [T, o*i', o*i'] (small layers only)."""
+    A = _dense_A(A)
+    delta = _damping(damping, A.shape[0], A)
+    eye = torch.eye(A.shape[-1] * G.shape[-1], dtype=A.dtype, device=A.device)
+    return torch.stack([scale * torch.kron(G[t], A[t]) + delta[t] * eye for t in range(A.shape[0])])
+
+
+def kron_solve(V, A, G, damping=1.0, scale=1.0):
+    """H^-1 v for one layer, V [..., T, o, i']: torch.linalg.solve against the dense H."""
+    H = kron_precision_dense(A, G, damping, scale)
+    flat = V.reshape(*V.shape[:-2], -1, 1)
+    return torch.linalg.solve(H, flat).reshape(V.shape)
+
+
+def kron_precision_matvec(V, A, G, damping=1.0, scale=1.0):
+    """H v for one layer, V [..., T, o, i']: the dense H times row-major vec(V)."""
+    H = kron_precision_dense(A, G, damping, scale)
+    return (H @ V.reshape(*V.shape[:-2], -1, 1)).reshape(V.shape)
