@@ -124,11 +124,12 @@ def laplace_evidence(post, model, support_y_nll, grid=DAMPING_GRID) -> torch.Ten
     theta = dict(model.named_parameters())
     sq_dist = sum(((post.params[k] - theta[k].detach()) ** 2).flatten(1).sum(1) for k in post.params)
     P = _kfac_parameter_count(model)
-    # torch.linalg.eigvalsh, not the cached kernel eigenvalues: on the sinusoid quickstart the
-    # latter made the evidence non-finite for some tasks after ~1500 iterations (to be filed).
+    # Singular values (= eigenvalues of these PSD factors), not the cached kernel eigenvalues
+    # nor eigvalsh: on the sinusoid quickstart after ~1500 iterations both of those failed on
+    # finite, rank-deficient G's (NaN evidence; LAPACK "failed to converge"); SVD is robust.
     products = []
     for A, G in zip(post.A, post.G):
-        lam, mu = torch.linalg.eigvalsh(A.double()), torch.linalg.eigvalsh(G.double())
+        lam, mu = torch.linalg.svdvals(A.double()), torch.linalg.svdvals(G.double())
         products.append(post.scale * (mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)).flatten(1))
     rows = []
     for delta in grid:
