@@ -16,8 +16,9 @@ import torch
 
 import llama_fast as lf
 from llama_fast import _extension
+from llama_fast.checkpoint import CheckpointError
 from llama_fast.config import (ALGORITHMS, CHECKPOINT_FILE, CONFIG_FILE, FIELD_CHECKS, FISHERS,
-                               ConfigError, ExperimentConfig)
+                               QUICKSTART, ConfigError, ExperimentConfig)
 
 
 def cmd_info(args) -> int:
@@ -124,7 +125,9 @@ def _add_train_parser(sub) -> None:
                     "then the flags; the result is written to <output>/config.toml.")
     # default None, not SUPPRESS: argparse would run the type check on the SUPPRESS string.
     train.add_argument("task", nargs="?", type=_flag_type("task", str), default=None,
-                       metavar="{sinusoid,omniglot}", help="the task family (or set task in --config)")
+                       metavar="{sinusoid,omniglot}",
+                       help="the task family (or set task in --config); with neither, the quickstart: "
+                            "MAML and LLAMA on sinusoid in a few minutes, into runs/quickstart")
     train.add_argument("--config", metavar="FILE", default=None,
                        help="TOML file of settings (keys as the flags, with underscores); flags override it")
     train.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
@@ -173,6 +176,8 @@ def _train_config(parser, args) -> ExperimentConfig:
         if "output" not in overrides:
             parser.error("--resume needs --output DIR (the run to continue) or --config")
         toml_path = Path(overrides["output"]) / CONFIG_FILE
+    if toml_path is None and "task" not in overrides:
+        overrides = {**QUICKSTART, **overrides}   # plain `llama-fast train`: the quickstart run
     config = _build_config(parser, toml_path, overrides)
     checkpoint = Path(config.output) / CHECKPOINT_FILE
     if config.resume and not checkpoint.is_file():
@@ -187,7 +192,7 @@ def cmd_train(args) -> int:
     config = _train_config(args.parser, args)
     runner = _experiment(args.parser)
     config.save(Path(config.output) / CONFIG_FILE)
-    return runner.run(config) or 0
+    return _guarded(args.parser, runner.run, config)
 
 
 def cmd_eval(args) -> int:
@@ -201,7 +206,16 @@ def cmd_eval(args) -> int:
         args.parser.error(f"no {CHECKPOINT_FILE} in {run_dir}; train first")
     overrides = {**_overrides(args), "output": str(run_dir), "resume": False}
     config = _build_config(args.parser, toml_path, overrides)
-    return _experiment(args.parser).evaluate(config) or 0
+    return _guarded(args.parser, _experiment(args.parser).evaluate, config)
+
+
+def _guarded(parser, function, config) -> int:
+    """Run the experiment; an unreadable checkpoint is a one-line error with exit code 2 (the
+    same as any other bad input), not a traceback."""
+    try:
+        return function(config) or 0
+    except CheckpointError as err:
+        parser.error(str(err))
 
 
 def _experiment(parser):

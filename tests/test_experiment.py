@@ -1,0 +1,157 @@
+"""`llama-fast train` / `eval` end to end on tiny configurations (a few iterations and tasks).
+
+Every run goes through the CLI (cli.main), so config.toml handling, the hand-off and the
+error paths are the ones users get.
+"""
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_fast import cli, experiment
+from llama_fast.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+SMALL = ("images_background_small1.zip", "images_background_small2.zip")
+needs_omniglot = pytest.mark.skipif(
+    not all((OMNIGLOT / name).is_file() for name in SMALL),
+    reason=f"Omniglot small zips not found under {OMNIGLOT}")
+
+TINY = ["--iterations", "6", "--meta-batch", "2", "--eval-tasks", "4", "--samples", "2",
+        "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny workloads; far faster on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(out, *extra):
+    return cli.main(["train", "sinusoid", "--output", str(out), *TINY, *extra])
+
+
+def test_tiny_run_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out) == 0
+    for name in ("config.toml", "checkpoint.pt", "metrics.csv", "metrics.json",
+                 "learning_curves.png", "sinusoid.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["iterations"] == 6 and summary["damping"] in experiment.DAMPING_GRID
+    for name in ("maml", "llama"):
+        for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
+            entry = summary["results"][name][setting]
+            assert {"mse", "nll", "coverage_50", "coverage_90", "coverage_95"} <= set(entry)
+    printed = capsys.readouterr().out
+    assert "MAML" in printed and "LLAMA" in printed and "coverage_90" in printed
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("iteration,algorithm") and len(rows) > 12
+
+
+def _parameters(out):
+    return load_checkpoint(out / "checkpoint.pt")["models"]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train(straight) == 0
+
+    original = experiment.Trainer.step
+
+    def dies_at_iteration_4(self):
+        if self.iteration == 3:   # after the checkpoint at 2 and rows logged for 3
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(experiment.Trainer, "step", dies_at_iteration_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed)
+    assert load_checkpoint(killed / "checkpoint.pt")["iteration"] == 2
+    monkeypatch.setattr(experiment.Trainer, "step", original)
+    assert cli.main(["train", "--output", str(killed), "--resume"]) == 0
+
+    for name, state in _parameters(straight).items():
+        for key, value in state.items():
+            assert torch.equal(value, _parameters(killed)[name][key]), (name, key)
+    assert (killed / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
+    results = [json.loads((d / "metrics.json").read_text())["results"] for d in (straight, killed)]
+    assert results[0] == results[1]
+
+
+def test_stopped_run_continues_to_more_iterations(tmp_path):
+    """Train 4 iterations, then resume with --iterations 6: as if trained 6 at once."""
+    straight, short = tmp_path / "straight", tmp_path / "short"
+    assert train(straight) == 0
+    assert cli.main(["train", "sinusoid", "--output", str(short), *TINY, "--iterations", "4"]) == 0
+    assert cli.main(["train", "--output", str(short), "--resume", "--iterations", "6"]) == 0
+    for name, state in _parameters(straight).items():
+        for key, value in state.items():
+            assert torch.equal(value, _parameters(short)[name][key]), (name, key)
+    assert (short / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--output", str(out), "--resume", "--iterations", "4"])
+    assert err.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "checkpoint.pt" in errors[0] and "not a readable checkpoint" in errors[0]
+
+
+def test_eval_reproduces_the_training_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out) == 0
+    assert cli.main(["eval", str(out)]) == 0
+    trained = json.loads((out / "metrics.json").read_text())
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["iterations"] == 6 and evaluated["results"] == trained["results"]
+    assert "K10_steps10" in capsys.readouterr().out
+
+
+def _tiny_oneshot_runs(root: Path, ways: int = 5) -> Path:
+    """One run in Lake's layout: drawing 0 of `ways` characters for training, drawing 1 to test."""
+    run = root / "run01"
+    (run / "training").mkdir(parents=True)
+    (run / "test").mkdir()
+    with zipfile.ZipFile(OMNIGLOT / SMALL[1]) as archive:
+        pngs = sorted(n for n in archive.namelist() if n.endswith(".png"))
+    characters = sorted({str(Path(n).parent) for n in pngs})[:ways]
+    lines = []
+    with zipfile.ZipFile(OMNIGLOT / SMALL[1]) as archive:
+        for i, character in enumerate(characters, 1):
+            drawings = sorted(n for n in pngs if str(Path(n).parent) == character)
+            (run / "training" / f"class{i:02d}.png").write_bytes(archive.read(drawings[0]))
+            (run / "test" / f"item{ways + 1 - i:02d}.png").write_bytes(archive.read(drawings[1]))
+            lines.append(f"run01/test/item{ways + 1 - i:02d}.png run01/training/class{i:02d}.png")
+    (run / "class_labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@needs_omniglot
+def test_omniglot_tiny_run_and_oneshot_eval(tmp_path, capsys):
+    out = tmp_path / "omni"
+    argv = ["train", "omniglot", "--data", str(OMNIGLOT), "--output", str(out), "--iterations", "2",
+            "--meta-batch", "2", "--eval-tasks", "3", "--samples", "2", "--log-every", "1",
+            "--eval-every", "0", "--checkpoint-every", "0", "--damping", "1.0", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    for name in ("metrics.json", "reliability_maml.png", "reliability_llama.png", "learning_curves.png"):
+        assert (out / name).is_file(), name
+    test = json.loads((out / "metrics.json").read_text())["results"]["llama"]["test"]
+    assert {"accuracy", "nll", "ece", "brier"} <= set(test)
+    runs = _tiny_oneshot_runs(tmp_path / "all_runs")
+    assert cli.main(["eval", str(out), "--oneshot-runs", str(runs)]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())["results"]
+    for name in ("maml", "llama"):
+        assert 0.0 <= evaluated[name]["oneshot_runs"]["accuracy"]["mean"] <= 1.0
+    assert "oneshot_runs" in capsys.readouterr().out
