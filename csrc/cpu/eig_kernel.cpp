@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -99,6 +100,23 @@ void lapack_eig_each(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evec
   }
 }
 
+// Rows of a contiguous [B, d] tensor holding a NaN or Inf (a plain loop: the ATen ops for
+// this cost more than LAPACK itself on small batches).
+std::vector<int64_t> non_finite_rows(const at::Tensor& evals) {
+  std::vector<int64_t> rows;
+  const int64_t d = evals.size(-1);
+  AT_DISPATCH_FLOATING_TYPES(evals.scalar_type(), "sym_eig_non_finite_rows", [&] {
+    const scalar_t* w = evals.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < evals.size(0); ++b)
+      for (int64_t i = 0; i < d; ++i)
+        if (!std::isfinite(w[b * d + i])) {
+          rows.push_back(b);
+          break;
+        }
+  });
+  return rows;
+}
+
 // LAPACK on the whole batch, then the shared Jacobi solver for every matrix LAPACK failed on:
 // syevd (MKL, float32) fails on some PSD matrices with many exact and near-zero eigenvalues
 // (K-FAC factors of dead ReLU units), either with an error or, worse, silently with NaN
@@ -112,13 +130,11 @@ void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
   } catch (const c10::Error&) {
     lapack_eig_each(flat, evals, evecs);
   }
-  const at::Tensor failed = at::logical_not(at::isfinite(evals).all(-1)).nonzero().flatten();
-  const int64_t* index = failed.data_ptr<int64_t>();
-  for (int64_t k = 0; k < failed.numel(); ++k) {
-    if (at::isfinite(flat[index[k]]).all().item<bool>())
-      jacobi_one(flat, evals, evecs, info, index[k]);
+  for (const int64_t b : non_finite_rows(evals)) {
+    if (at::isfinite(flat[b]).all().item<bool>())
+      jacobi_one(flat, evals, evecs, info, b);
     else
-      info.data_ptr<int>()[index[k]] = 1;
+      info.data_ptr<int>()[b] = 1;
   }
 }
 
