@@ -274,49 +274,49 @@ class KronCurvature:
         low-rank A, the part of V in span(V_A) that way and ``(V - V V_A V_A^T) / delta`` for the
         rest. ``V``: ``[..., T, o, i']`` (or a list per layer); returns the same structure.
         Constants: the factors (no gradient to them); linear in V (differentiable)."""
-        Xs, single = self._per_layer(V, "V", exact=False)
-        out = []
-        for l, X in enumerate(Xs):
-            lead = X.shape[:-3]
-            X4 = X.reshape(-1, *X.shape[-3:])
-            B = X4.shape[0]
-            Q_G = self.evecs_G[l].detach()
-            delta = self.damping.detach()[:, None, None]
-            if isinstance(self.factors_A[l], LowRankFactor):
-                V_A, lam = self._low_rank_basis(l)
-                Xf = _fold(X4)
-                Y = torch.bmm(Xf, V_A)  # [T, B*o, N]
-                core = torch.matmul(Q_G.mT, _unfold(Y, B)) / self._eig_denominator(l, lam)
-                # (X - Y V_A^T) / delta + (Q_G core) V_A^T
-                R = torch.baddbmm(Xf / delta, _fold(torch.matmul(Q_G, core)) - Y / delta, V_A.mT)
-            else:
-                Q_A = self.evecs_A[l].detach()
-                core = torch.matmul(Q_G.mT, _unfold(torch.bmm(_fold(X4), Q_A), B))
-                core = core / self._eig_denominator(l, self.evals_A[l].detach())
-                R = torch.bmm(_fold(torch.matmul(Q_G, core)), Q_A.mT)
-            out.append(_unfold(R, B).reshape(*lead, *X.shape[-3:]))
-        return out[0] if single else out
+        return self._map_layers(V, self._solve_layer)
 
     def precision_matvec(self, V):
         """``H v = s * G V A + delta * V`` per layer (a low-rank ``A = s_a R^T R`` through its
         rows: ``s_a (V R^T) R``, never i' x i'). ``V``: ``[..., T, o, i']`` (or a list per
         layer); returns the same structure. The factors are constants (detached)."""
+        return self._map_layers(V, self._precision_layer)
+
+    def _map_layers(self, V, layer_op):
+        """``layer_op(l, X)`` on each layer's ``V`` with its leading dims flattened
+        (``X [B, T, o, i']``), reshaped back; the same structure as ``V``."""
         Xs, single = self._per_layer(V, "V", exact=False)
-        out = []
-        for l, X in enumerate(Xs):
-            lead = X.shape[:-3]
-            X4 = X.reshape(-1, *X.shape[-3:])
-            B = X4.shape[0]
-            A = self.factors_A[l]
-            G = self.factors_G[l].detach()
-            if isinstance(A, LowRankFactor):
-                R = self._rows_bar(l)
-                XA = A.scale * torch.bmm(torch.bmm(_fold(X4), R.mT), R)
-            else:
-                XA = torch.bmm(_fold(X4), A.detach())
-            GXA = torch.matmul(G, _unfold(XA, B))
-            out.append((self.scale * GXA + self.damping.detach()[:, None, None] * X4).reshape(*lead, *X.shape[-3:]))
+        out = [layer_op(l, X.reshape(-1, *X.shape[-3:])).reshape(X.shape) for l, X in enumerate(Xs)]
         return out[0] if single else out
+
+    def _solve_layer(self, l, X4):
+        B = X4.shape[0]
+        Q_G = self.evecs_G[l].detach()
+        delta = self.damping.detach()[:, None, None]
+        if isinstance(self.factors_A[l], LowRankFactor):
+            V_A, lam = self._low_rank_basis(l)
+            Xf = _fold(X4)
+            Y = torch.bmm(Xf, V_A)  # [T, B*o, N]
+            core = torch.matmul(Q_G.mT, _unfold(Y, B)) / self._eig_denominator(l, lam)
+            # (X - Y V_A^T) / delta + (Q_G core) V_A^T
+            R = torch.baddbmm(Xf / delta, _fold(torch.matmul(Q_G, core)) - Y / delta, V_A.mT)
+        else:
+            Q_A = self.evecs_A[l].detach()
+            core = torch.matmul(Q_G.mT, _unfold(torch.bmm(_fold(X4), Q_A), B))
+            core = core / self._eig_denominator(l, self.evals_A[l].detach())
+            R = torch.bmm(_fold(torch.matmul(Q_G, core)), Q_A.mT)
+        return _unfold(R, B)
+
+    def _precision_layer(self, l, X4):
+        A = self.factors_A[l]
+        G = self.factors_G[l].detach()
+        if isinstance(A, LowRankFactor):
+            R = self._rows_bar(l)
+            XA = A.scale * torch.bmm(torch.bmm(_fold(X4), R.mT), R)
+        else:
+            XA = torch.bmm(_fold(X4), A.detach())
+        GXA = torch.matmul(G, _unfold(XA, X4.shape[0]))
+        return self.scale * GXA + self.damping.detach()[:, None, None] * X4
 
 
 def _fold(X):
