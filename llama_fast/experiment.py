@@ -124,19 +124,16 @@ def laplace_evidence(post, model, support_y_nll, grid=DAMPING_GRID) -> torch.Ten
     theta = dict(model.named_parameters())
     sq_dist = sum(((post.params[k] - theta[k].detach()) ** 2).flatten(1).sum(1) for k in post.params)
     P = _kfac_parameter_count(model)
-    # Singular values (= eigenvalues of these PSD factors), not the cached kernel eigenvalues
-    # nor eigvalsh: on the sinusoid quickstart after ~1500 iterations both of those failed on
-    # finite, rank-deficient G's (NaN evidence; LAPACK "failed to converge"); SVD is robust.
-    products = []
-    for A, G in zip(post.A, post.G):
-        ok = (torch.isfinite(A).flatten(1).all(1) & torch.isfinite(G).flatten(1).all(1))[:, None, None]
-        A, G = torch.where(ok, A, 0).double(), torch.where(ok, G, 0).double()   # bad tasks -> NaN below
-        lam, mu = torch.linalg.svdvals(A), torch.linalg.svdvals(G)
-        lam = torch.where(ok[:, 0], lam, math.nan)
-        products.append(post.scale * (mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)).flatten(1))
+    # The eigenvalues cached by the posterior's KronCurvature (low-rank A: those of its dual
+    # Gram matrix, the other pairs are exact zeros and add log(delta) each).
+    curv = post.curvature
+    products = [curv.scale * (mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)).flatten(1)
+                for lam, mu in zip(curv.evals_A, curv.evals_G)]
+    null_pairs = curv._null_pairs()
     rows = []
     for delta in grid:
-        logdet = sum(torch.log(p + delta).sum(1) for p in products)
+        logdet = (sum(torch.log(p.double() + delta).sum(1) for p in products)
+                  + null_pairs * math.log(delta))
         rows.append(-support_y_nll.double() - 0.5 * delta * sq_dist.double() + 0.5 * P * math.log(delta)
                     - 0.5 * logdet)
     return torch.stack(rows)
@@ -156,10 +153,8 @@ def select_damping(config, model, tasks) -> tuple[float, list]:
     sampler = tasks.fixed("val", config.shots, config.query_shots, VAL_TASKS[config.task], VAL_RANK)
     batch = _batch(sampler.sample())
     loss = _loss(config)
-    # backend="reference": the compiled kfac_factors gave non-finite G's on some tasks late in
-    # the sinusoid quickstart (not reproducible on reload; to be filed), the dense oracle did not.
     post = lf.adapt(model, batch.support_x, batch.support_y, loss=loss, inner_lr=config.inner_lr,
-                    inner_steps=config.inner_steps, damping=1.0, fisher=config.fisher, backend="reference")
+                    inner_steps=config.inner_steps, damping=1.0, fisher=config.fisher)
     evidence = laplace_evidence(post, model, _summed_nll(post, batch.support_x, batch.support_y, loss))
     finite = torch.isfinite(evidence).all(0)
     if not bool(finite.all()):

@@ -28,7 +28,9 @@ class TaskPosterior:
         params: adapted ("fast") parameters by name, each ``[T, *shape]``.
         fixed: the other tensors functional_call needs (BatchNorm parameters, buffers),
             unbatched: the point estimate shared by all tasks.
-        A, G: per-layer Kronecker factors ``[T, i', i']`` and ``[T, o, o]``.
+        A, G: per-layer Kronecker factors ``[T, i', i']`` and ``[T, o, o]``; an ``A`` built
+            from fewer support rows than its width is a :class:`~llama_fast.LowRankFactor`
+            (``.dense()`` materialises it).
         curvature: the :class:`~llama_fast.KronCurvature` (cached eigendecompositions).
         loss: "cross_entropy" (classification) or "mse" (Gaussian regression, sigma = 1).
     """
@@ -174,7 +176,7 @@ def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping
             support_x, support_y, noise)
     biases = [layer.has_bias for layer in spec.layers]
     if backend == "kernels":
-        A, G = kfac_factors(a, g, bias=biases)
+        A, G = kfac_factors(a, g, bias=biases, low_rank=True)   # narrow support: dual Gram eigs
     else:
         A, G = reference.kfac_factors(a, g, bias=biases)
     return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend)
