@@ -4,6 +4,10 @@ Subcommands: `info` (build, devices, registered ops), `bench` (the benchmark sui
 experiments `train` and `eval`. Those two build and validate an `ExperimentConfig` here (every
 bad value is a one-line `parser.error`, exit code 2) and hand it to
 `llama_fast.experiment.run` / `evaluate`, which hold the meta-training loop.
+
+`train` also runs distributed, unchanged, under `torchrun --nproc_per_node=N -m llama_fast train
+...`: every rank parses the same flags; rank 0 writes config.toml, and the experiment runner
+joins the process group.
 """
 
 import argparse
@@ -15,7 +19,7 @@ from pathlib import Path
 import torch
 
 import llama_fast as lf
-from llama_fast import _extension
+from llama_fast import _extension, distributed
 from llama_fast.checkpoint import CheckpointError
 from llama_fast.config import (ALGORITHMS, CHECKPOINT_FILE, CONFIG_FILE, FIELD_CHECKS, FISHERS,
                                QUICKSTART, ConfigError, ExperimentConfig)
@@ -185,13 +189,18 @@ def _train_config(parser, args) -> ExperimentConfig:
     if not config.resume and checkpoint.exists():
         parser.error(f"{config.output} already holds {CHECKPOINT_FILE}; pass --resume to continue it "
                      "or choose another --output")
+    world_size = distributed.launched_world_size()
+    if config.meta_batch < world_size:
+        parser.error(f"--meta-batch {config.meta_batch} cannot give each of the {world_size} "
+                     "torchrun processes a task; use a meta-batch of at least the process count")
     return config
 
 
 def cmd_train(args) -> int:
     config = _train_config(args.parser, args)
     runner = _experiment(args.parser)
-    config.save(Path(config.output) / CONFIG_FILE)
+    if distributed.is_main_process():   # torchrun: rank 0 alone (the others read it on --resume)
+        config.save(Path(config.output) / CONFIG_FILE)
     return _guarded(args.parser, runner.run, config)
 
 
@@ -215,6 +224,8 @@ def _guarded(parser, function, config) -> int:
     try:
         return function(config) or 0
     except CheckpointError as err:
+        if not distributed.is_main_process():
+            raise SystemExit(2) from None   # torchrun: every rank fails alike, rank 0 says why
         parser.error(str(err))
 
 

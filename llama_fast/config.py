@@ -147,7 +147,11 @@ class ExperimentConfig:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(tomli_w.dumps(self.to_dict()))
+        # Atomically (temp file + rename): under torchrun the other ranks may be reading the
+        # file (--resume) while rank 0 rewrites it.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(tomli_w.dumps(self.to_dict()))
+        os.replace(tmp, path)
         return path
 
     def resolved_device(self) -> torch.device:

@@ -39,8 +39,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from .data import derive_seed
 
-__all__ = ["DistContext", "init_from_env", "is_main_process", "shard_seed", "shard_sizes",
-           "shard_batch", "broadcast_parameters", "GradientSync", "record", "DEFAULT_TIMEOUT"]
+__all__ = ["DistContext", "init_from_env", "launched_world_size", "is_main_process", "shard_seed",
+           "shard_sizes", "shard_batch", "broadcast_parameters", "barrier", "gather_to_main",
+           "GradientSync", "record", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 DEFAULT_BUCKET_BYTES = 25 * 2**20   # DDP's default bucket cap
@@ -113,9 +114,18 @@ def init_from_env(timeout=DEFAULT_TIMEOUT, backend: str | None = None) -> DistCo
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.group.WORLD)
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE; 1 for a plain ``python`` run).
+    Known before ``init_from_env``, e.g. to decide whether to initialise at all."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def is_main_process() -> bool:
-    """True on rank 0, and in a single-process run: the process that logs and checkpoints."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True on rank 0, and in a single-process run: the process that logs and checkpoints.
+    Before ``init_from_env`` torchrun's RANK decides (so setup code can ask too)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _env_int("RANK", 0) == 0
 
 
 def shard_seed(seed: int, rank: int) -> int:
@@ -151,6 +161,33 @@ def broadcast_parameters(model: torch.nn.Module, group=None, src: int = 0) -> No
     identical starts plus identical averaged gradients keep the ranks identical)."""
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast(tensor.data, src=src, group=group)
+
+
+def _collective_failed(what: str, error: Exception) -> RuntimeError:
+    """The error of a collective that failed on this rank, naming it: the usual cause is a peer
+    that failed or stalled, whose own log (or torchrun's summary) has the root cause."""
+    return RuntimeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {what} failed, most likely "
+                        f"because another rank failed or stalled (see its log; torchrun's summary "
+                        f"names it): {error}")
+
+
+def barrier(group, what: str) -> None:
+    """Wait until every rank of ``group`` gets here (e.g. while rank 0 validates or writes a
+    checkpoint), within the group's timeout; ``what`` names the wait in the error."""
+    try:
+        dist.barrier(group=group)
+    except RuntimeError as error:
+        raise _collective_failed(f"waiting for {what}", error) from error
+
+
+def gather_to_main(obj, group, what: str) -> list | None:
+    """Every rank's picklable ``obj``, as a list by rank on rank 0 (None elsewhere)."""
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank(group) == 0 else None
+    try:
+        dist.gather_object(obj, gathered, dst=0, group=group)
+    except RuntimeError as error:
+        raise _collective_failed(what, error) from error
+    return gathered
 
 
 # ----------------------------------------------------------------------------- gradient sync
@@ -274,9 +311,7 @@ def _wait(work) -> None:
     try:
         work.wait()
     except RuntimeError as error:
-        raise RuntimeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: the meta_step "
-                           f"all-reduce failed, most likely because another rank failed or stalled "
-                           f"(see its log; torchrun's summary names it): {error}") from error
+        raise _collective_failed("the meta_step all-reduce", error) from error
 
 
 _METRICS = ("meta_loss", "query_loss", "query_accuracy", "logdet")

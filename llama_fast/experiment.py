@@ -8,6 +8,15 @@ iteration, so their curves and final metrics differ only by the algorithm. It wr
 ``metrics.json`` (the held-out evaluation) and PNG plots. ``evaluate(config)`` reloads the
 checkpoint and repeats the held-out evaluation (plus Lake's one-shot runs when asked).
 
+Distributed (``torchrun --nproc_per_node=N -m llama_fast train ...``, WORLD_SIZE > 1): every rank
+builds the same model (same seed, then ``broadcast_parameters``), samples its own shard of the
+global meta-batch from its own stream (``shard_sizes``, ``.shard(rank, world_size)``) and runs
+``meta_step(..., process_group=...)``, so all ranks take identical steps. Rank 0 alone writes
+metrics.csv (the all-reduced ``global_means``), checkpoints and plots, validates and evaluates;
+the other ranks wait at a barrier while it validates or checkpoints, and leave once training is
+done. A checkpoint holds rank 0's model and optimizer (identical everywhere) and every rank's
+RNG states, so a resumed run continues each rank's task stream (with the same world size).
+
 Determinism: training draws tasks from the train sampler's own generator and nothing else;
 validation, test tasks and posterior samples come from fresh generators seeded from
 ``config.seed``, so a resumed run (model, optimizer, sampler and RNG states restored) ends
@@ -16,6 +25,8 @@ exactly like an uninterrupted one, and ``eval`` reproduces ``train``'s metrics.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import time
@@ -25,8 +36,9 @@ from pathlib import Path
 import torch
 
 import llama_fast as lf
-from llama_fast import data, metrics, plots
-from llama_fast.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from llama_fast import data, distributed, metrics, plots
+from llama_fast.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
+                                   save_checkpoint)
 from llama_fast.config import CHECKPOINT_FILE, METRICS_FILE, ExperimentConfig
 from llama_fast.functional import inspect_model
 
@@ -77,23 +89,35 @@ def build_learners(config, device) -> list[Learner]:
 
 
 class Tasks:
-    """The task samplers of a run: train (checkpointed), and fresh ones for val and test."""
+    """The task samplers of a run: train (checkpointed), and fresh ones for val and test.
 
-    def __init__(self, config, device):
+    Distributed, the train sampler is this rank's: its share of the global meta-batch
+    (``shard_sizes``) from its own random stream (``.shard(rank, world_size)``).
+    """
+
+    def __init__(self, config, device, rank=0, world_size=1):
         self.config, self.device = config, device
         self.splits = None
         if config.task == "omniglot":
             self.splits = data.omniglot_splits(config.data)
-        self.train = self._sampler("train", config.shots, config.query_shots, config.meta_batch,
-                                   data.derive_seed(config.seed))
+        seed = data.derive_seed(config.seed)
+        if world_size == 1:
+            self.train = self._sampler("train", config.shots, config.query_shots, config.meta_batch, seed)
+        else:
+            share = distributed.shard_sizes(config.meta_batch, world_size)[rank]
+            self.train = self._sampler("train", config.shots, config.query_shots, share, seed,
+                                       sharded=True).shard(rank, world_size)
 
-    def _sampler(self, split, shots, query_shots, meta_batch, seed):
+    def _sampler(self, split, shots, query_shots, meta_batch, seed, sharded=False):
         c = self.config
         if c.task == "sinusoid":
             return data.SinusoidTasks(shots, query_shots, meta_batch, seed=seed, device=self.device)
-        sampler = data.OmniglotTasks(self.splits[split], c.ways, shots, query_shots, meta_batch,
-                                     generator=torch.Generator().manual_seed(seed), device=self.device)
-        return sampler
+        if sharded:   # .shard() needs a sampler built from a seed
+            return data.OmniglotTasks(self.splits[split], c.ways, shots, query_shots, meta_batch,
+                                      seed=seed, device=self.device)
+        # Single-process runs keep this stream (a generator seeded directly), as before.
+        return data.OmniglotTasks(self.splits[split], c.ways, shots, query_shots, meta_batch,
+                                  generator=torch.Generator().manual_seed(seed), device=self.device)
 
     def fixed(self, split, shots, query_shots, tasks, rank):
         """A fresh sampler with a fixed seed: the same tasks every time it is built."""
@@ -171,19 +195,65 @@ def select_damping(config, model, tasks) -> tuple[float, list]:
 # ----------------------------------------------------------------------------- training
 
 
-class Trainer:
-    """Meta-training state: learners, samplers, iteration, damping; checkpointable."""
+def _single_process(config) -> distributed.DistContext:
+    return distributed.DistContext(0, 1, 0, config.resolved_device(), None)
 
-    def __init__(self, config: ExperimentConfig):
+
+def _rank_device(config, ctx) -> torch.device:
+    """Under torchrun a CUDA run uses this rank's GPU (cuda:LOCAL_RANK, from init_from_env);
+    --device cpu stays on the CPU."""
+    device = config.resolved_device()
+    return ctx.device if ctx.world_size > 1 and device.type == "cuda" else device
+
+
+def parameter_digest(learners) -> str:
+    """SHA-256 of every learner's parameters and buffers, bit for bit: ranks that took the same
+    steps from the same start must agree on it."""
+    digest = hashlib.sha256()
+    for learner in learners:
+        for name, tensor in learner.model.state_dict().items():
+            digest.update(f"{learner.name}.{name}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+_ROW_KEYS = ("meta_loss", "query_loss", "logdet", "query_accuracy")   # metrics.csv column order
+
+
+def _step_row(out, global_means: bool) -> dict:
+    """One learner's metrics.csv values for a step. Distributed: the all-reduced means over
+    every rank's tasks. Single-process: the float32 means of the batch, as always, so the
+    files of single-process runs do not change."""
+    if global_means:
+        values = {k: float(v) for k, v in out.global_means.items()}
+    else:
+        values = {"meta_loss": out.meta_loss.item(), "query_loss": out.query_loss.mean().item()}
+        for key in ("logdet", "query_accuracy"):
+            if getattr(out, key) is not None:
+                values[key] = getattr(out, key).mean().item()
+    return {k: values[k] for k in _ROW_KEYS if k in values}
+
+
+class Trainer:
+    """Meta-training state: learners, samplers, iteration, damping; checkpointable.
+
+    ``ctx`` (``distributed.init_from_env()``'s) makes this one rank of a data-parallel run;
+    None: a single process.
+    """
+
+    def __init__(self, config: ExperimentConfig, ctx: distributed.DistContext | None = None):
         if config.task == "sinusoid":
             # A 1-40-40-1 MLP is far too small to split over threads: one thread is faster,
             # most of all on a shared machine.
             torch.set_num_threads(1)
-        self.config, self.device = config, config.resolved_device()
+        self.ctx = ctx or _single_process(config)
+        self.config, self.device = config, _rank_device(config, self.ctx)
         self.out = Path(config.output)
         self.loss = _loss(config)
-        self.tasks = Tasks(config, self.device)
+        self.tasks = Tasks(config, self.device, self.ctx.rank, self.ctx.world_size)
         self.learners = build_learners(config, self.device)
+        if self.ctx.group is not None:
+            self._join_ranks()
         self.iteration = 0
         # Training uses `damping`; the held-out evaluation `eval_damping` (auto: re-selected on
         # the final meta-parameters). Kept apart so a run resumed from the end of a shorter run
@@ -192,13 +262,33 @@ class Trainer:
         self.eval_damping = self.damping
         self.damping_history = []
 
+    def _join_ranks(self) -> None:
+        for learner in self.learners:   # identical starts (the seed already gives them; made sure)
+            distributed.broadcast_parameters(learner.model, self.ctx.group)
+        # Anything drawn from torch's global generator during training (the mc Fisher's labels)
+        # must differ per rank, like the tasks; the weights above came from the shared seed.
+        torch.manual_seed(distributed.shard_seed(data.derive_seed(self.config.seed), self.ctx.rank))
+
     # ---- checkpoints
-    def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "damping": self.damping, "eval_damping": self.eval_damping,
-                "damping_history": [list(x) for x in self.damping_history],
-                "models": {l.name: l.model.state_dict() for l in self.learners},
-                "optimizers": {l.name: l.optimizer.state_dict() for l in self.learners},
-                "rng": capture_rng_state({"train_tasks": self.tasks.train.generator})}
+    def rng_state(self) -> dict:
+        return capture_rng_state({"train_tasks": self.tasks.train.generator})
+
+    def rank_state(self) -> dict:
+        """This rank's part of a distributed checkpoint: its random streams (its own task
+        shard) and the digest of its parameters (which must equal every other rank's)."""
+        return {"rng": self.rng_state(), "params_sha256": parameter_digest(self.learners)}
+
+    def state_dict(self, ranks: list | None = None) -> dict:
+        """The checkpoint; ``ranks`` (distributed): every rank's ``rank_state()``, by rank."""
+        state = {"iteration": self.iteration, "damping": self.damping, "eval_damping": self.eval_damping,
+                 "damping_history": [list(x) for x in self.damping_history],
+                 "models": {l.name: l.model.state_dict() for l in self.learners},
+                 "optimizers": {l.name: l.optimizer.state_dict() for l in self.learners}}
+        if ranks is None:
+            state["rng"] = self.rng_state()
+        else:
+            state.update(world_size=len(ranks), ranks=ranks)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.damping = int(state["iteration"]), float(state["damping"])
@@ -208,11 +298,46 @@ class Trainer:
             learner.model.load_state_dict(state["models"][learner.name])
             if "optimizers" in state:
                 learner.optimizer.load_state_dict(state["optimizers"][learner.name])
-        if "rng" in state:
-            restore_rng_state(state["rng"], {"train_tasks": self.tasks.train.generator})
+        rng = self._own_rng_state(state)
+        if rng is not None:
+            restore_rng_state(rng, {"train_tasks": self.tasks.train.generator})
+
+    def _own_rng_state(self, state: dict) -> dict | None:
+        """This rank's RNG states in a checkpoint; None where it has none for this world size
+        (``eval`` of a distributed run in one process needs no training streams)."""
+        ranks = state.get("ranks")
+        if ranks is None:
+            return state.get("rng")
+        return ranks[self.ctx.rank]["rng"] if len(ranks) == self.ctx.world_size else None
+
+    def resume(self, path) -> None:
+        """Load a checkpoint to continue training: it must come from the same world size,
+        since each rank continues its own task stream."""
+        state = load_checkpoint(path)
+        saved = int(state.get("world_size", 1))
+        if saved != self.ctx.world_size:
+            launch = "plain python or torchrun --nproc_per_node=1" if saved == 1 else f"{saved} processes in all"
+            raise CheckpointError(path, f"written by a {saved}-process run, this run has "
+                                        f"{self.ctx.world_size} (each rank continues its own task stream): "
+                                        f"resume it with {launch}, or train into a new --output")
+        self.load_state_dict(state)
 
     def save(self) -> None:
-        save_checkpoint(self.out / CHECKPOINT_FILE, self.state_dict())
+        """Write the checkpoint (rank 0). Distributed: a collective that gathers every rank's
+        state first, so every rank must call it."""
+        if self.ctx.group is None:
+            save_checkpoint(self.out / CHECKPOINT_FILE, self.state_dict())
+            return
+        ranks = distributed.gather_to_main(self.rank_state(), self.ctx.group,
+                                           f"gathering the checkpoint of iteration {self.iteration}")
+        if self.ctx.is_main:
+            _check_ranks_agree(ranks, self.iteration)
+            save_checkpoint(self.out / CHECKPOINT_FILE, self.state_dict(ranks))
+
+    def wait_for_main(self, what: str) -> None:
+        """Distributed: the other ranks wait here while rank 0 does ``what`` alone."""
+        if self.ctx.group is not None:
+            distributed.barrier(self.ctx.group, what)
 
     # ---- one iteration
     def step(self) -> dict:
@@ -225,13 +350,8 @@ class Trainer:
             out = lf.meta_step(learner.model, batch, learner.optimizer, algorithm=learner.name,
                                loss=self.loss, inner_lr=c.inner_lr, inner_steps=c.inner_steps,
                                eta=c.eta if llama else None, damping=self.damping if llama else None,
-                               fisher=c.fisher, first_order=c.first_order)
-            row = {"meta_loss": out.meta_loss.item(), "query_loss": out.query_loss.mean().item()}
-            if out.logdet is not None:
-                row["logdet"] = out.logdet.mean().item()
-            if out.query_accuracy is not None:
-                row["query_accuracy"] = out.query_accuracy.mean().item()
-            stats[learner.name] = row
+                               fisher=c.fisher, first_order=c.first_order, process_group=self.ctx.group)
+            stats[learner.name] = _step_row(out, global_means=self.ctx.group is not None)
         self.iteration += 1
         return stats
 
@@ -266,35 +386,64 @@ class Trainer:
         return next((l for l in self.learners if l.name == name), None)
 
 
-def _progress(total, initial):
+def _check_ranks_agree(ranks: list, iteration: int) -> None:
+    """Identical starts and identical averaged gradients give bit-identical parameters on
+    every rank; anything else is a bug that would silently mix models, so it stops the run."""
+    digests = [r["params_sha256"] for r in ranks]
+    differing = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise RuntimeError(f"at iteration {iteration} the parameters of rank(s) {differing} differ "
+                           f"from rank 0's: the ranks diverged")
+
+
+def _progress(total, initial, disable=False):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="meta-train", unit="it", dynamic_ncols=True,
-                smoothing=0.1, mininterval=0.5)
+                smoothing=0.1, mininterval=0.5, disable=disable)
+
+
+class _NoLog:
+    """metrics.csv on the ranks other than 0: rank 0 alone writes the (global) rows."""
+
+    def log(self, **row) -> None:
+        pass
 
 
 def train(trainer: Trainer, log: metrics.MetricsLog) -> None:
     """The meta-training loop from trainer.iteration to config.iterations."""
-    c = trainer.config
+    c, main = trainer.config, trainer.ctx.is_main
     tasks_done = 0
     start = time.perf_counter()
-    with _progress(c.iterations, trainer.iteration) as bar:
+    with _progress(c.iterations, trainer.iteration, disable=not main) as bar:
         while trainer.iteration < c.iterations:
             stats = trainer.step()
-            tasks_done += c.meta_batch
+            tasks_done += c.meta_batch   # the global meta-batch: the bar shows global tasks/s
             it = trainer.iteration
             if it % c.log_every == 0 or it == c.iterations:
                 for name, row in stats.items():
                     log.log(iteration=it, algorithm=name, **row)
-            if c.eval_every and it % c.eval_every == 0:
+            validating = bool(c.eval_every) and it % c.eval_every == 0
+            if validating and main:
                 for name, row in trainer.validate().items():
                     log.log(iteration=it, algorithm=name, **row)
-            if c.checkpoint_every and it % c.checkpoint_every == 0 and it < c.iterations:
+            checkpointing = bool(c.checkpoint_every) and it % c.checkpoint_every == 0 and it < c.iterations
+            if checkpointing:
                 trainer.save()
+            if validating or checkpointing:
+                trainer.wait_for_main(f"rank 0's validation/checkpoint at iteration {it}")
             rate = tasks_done / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix({f"{n}_loss": f"{s['meta_loss']:.3f}" for n, s in stats.items()}
                             | {"tasks/s": f"{rate:.3g}"}, refresh=False)
             bar.update(1)
+    if main:
+        _final_damping(trainer)
+    trainer.save()
+
+
+def _final_damping(trainer: Trainer) -> None:
+    """The delta the held-out evaluation uses (rank 0: it alone evaluates)."""
+    c = trainer.config
     if c.damping == "auto" and trainer.learner("llama") is not None:
         # The final choice, on the trained meta-parameters, is what the evaluation uses.
         trainer.eval_damping, grid = select_damping(c, trainer.learner("llama").model, trainer.tasks)
@@ -302,7 +451,6 @@ def train(trainer: Trainer, log: metrics.MetricsLog) -> None:
               + ", ".join(f"{d:g}: {e:.1f}" for d, e in grid) + f" -> delta = {trainer.eval_damping:g}")
     else:
         trainer.eval_damping = trainer.damping
-    trainer.save()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -514,17 +662,47 @@ def report(trainer, results, wall_s, probs) -> dict:
 # ----------------------------------------------------------------------------- entry points
 
 
+@contextlib.contextmanager
+def _process_group(config):
+    """The DistContext of this process: torchrun's process group when it started several
+    (WORLD_SIZE > 1; gloo for --device cpu, else NCCL), destroyed when training ends."""
+    if distributed.launched_world_size() == 1:
+        yield _single_process(config)
+        return
+    backend = "gloo" if config.resolved_device().type == "cpu" else None
+    ctx = distributed.init_from_env(backend=backend)
+    # Not destroyed when an exception leaves: that would close the connections before this
+    # rank's error reaches torchrun, and a peer's follow-on error could pass for the root cause.
+    yield ctx
+    torch.distributed.destroy_process_group()
+
+
 def run(config: ExperimentConfig) -> int:
-    """`llama-fast train`: meta-train (or resume), evaluate, write metrics, plots, checkpoint."""
+    """`llama-fast train`: meta-train (or resume), evaluate, write metrics, plots, checkpoint.
+    Under torchrun, @record puts a failing rank's traceback into torchrun's summary."""
+    if distributed.launched_world_size() > 1:
+        return distributed.record(_run)(config)
+    return _run(config)
+
+
+def _run(config: ExperimentConfig) -> int:
     start = time.perf_counter()
-    trainer = Trainer(config)
-    resume_from = None
-    if config.resume:
-        trainer.load_state_dict(load_checkpoint(trainer.out / CHECKPOINT_FILE))
-        resume_from = trainer.iteration
-        print(f"resuming {trainer.out} from iteration {resume_from}")
-    log = metrics.MetricsLog(trainer.out / METRICS_FILE, resume_from=resume_from if config.resume else 0)
-    train(trainer, log)
+    with _process_group(config) as ctx:
+        trainer = Trainer(config, ctx)
+        resume_from = None
+        if config.resume:
+            trainer.resume(trainer.out / CHECKPOINT_FILE)
+            resume_from = trainer.iteration
+            if ctx.is_main:
+                print(f"resuming {trainer.out} from iteration {resume_from}")
+        log = _NoLog()
+        if ctx.is_main:
+            log = metrics.MetricsLog(trainer.out / METRICS_FILE, resume_from=resume_from if config.resume else 0)
+        train(trainer, log)
+    if not ctx.is_main:
+        return 0
+    # Rank 0 evaluates outside the process group: the others have left, and a long evaluation
+    # cannot run into the collective timeout.
     results, probs = evaluate_trainer(trainer)
     report(trainer, results, time.perf_counter() - start, probs)
     return 0
