@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -163,9 +164,17 @@ def broadcast_parameters(model: torch.nn.Module, group=None, src: int = 0) -> No
         dist.broadcast(tensor.data, src=src, group=group)
 
 
+# A rank whose collective fails (usually because a peer died) raises only after this pause.
+# torchrun reports as root cause the error with the earliest timestamp, in whole seconds, and
+# stops the remaining workers once it sees a failure: without the pause, a survivor's follow-on
+# error could be written in the same second as the real one and be named instead.
+PEER_FAILURE_GRACE_S = 2.0
+
+
 def _collective_failed(what: str, error: Exception) -> RuntimeError:
     """The error of a collective that failed on this rank, naming it: the usual cause is a peer
     that failed or stalled, whose own log (or torchrun's summary) has the root cause."""
+    time.sleep(PEER_FAILURE_GRACE_S)
     return RuntimeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {what} failed, most likely "
                         f"because another rank failed or stalled (see its log; torchrun's summary "
                         f"names it): {error}")
