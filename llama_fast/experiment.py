@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import llama_fast as lf
-from llama_fast import data, distributed, metrics, plots
+from llama_fast import data, distributed, metrics
 from llama_fast.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
                                    save_checkpoint)
 from llama_fast.config import CHECKPOINT_FILE, METRICS_FILE, ExperimentConfig
@@ -206,13 +206,13 @@ def _rank_device(config, ctx) -> torch.device:
     return ctx.device if ctx.world_size > 1 and device.type == "cuda" else device
 
 
-def parameter_digest(learners) -> str:
-    """SHA-256 of every learner's parameters and buffers, bit for bit: ranks that took the same
-    steps from the same start must agree on it."""
+def parameter_digest(models: dict) -> str:
+    """SHA-256 of ``{learner name: model state_dict}`` (a checkpoint's "models"), bit for bit:
+    ranks that took the same steps from the same start must agree on it."""
     digest = hashlib.sha256()
-    for learner in learners:
-        for name, tensor in learner.model.state_dict().items():
-            digest.update(f"{learner.name}.{name}".encode())
+    for learner, state in models.items():
+        for name, tensor in state.items():
+            digest.update(f"{learner}.{name}".encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -276,13 +276,16 @@ class Trainer:
     def rank_state(self) -> dict:
         """This rank's part of a distributed checkpoint: its random streams (its own task
         shard) and the digest of its parameters (which must equal every other rank's)."""
-        return {"rng": self.rng_state(), "params_sha256": parameter_digest(self.learners)}
+        return {"rng": self.rng_state(), "params_sha256": parameter_digest(self.model_states())}
+
+    def model_states(self) -> dict:
+        return {l.name: l.model.state_dict() for l in self.learners}
 
     def state_dict(self, ranks: list | None = None) -> dict:
         """The checkpoint; ``ranks`` (distributed): every rank's ``rank_state()``, by rank."""
         state = {"iteration": self.iteration, "damping": self.damping, "eval_damping": self.eval_damping,
                  "damping_history": [list(x) for x in self.damping_history],
-                 "models": {l.name: l.model.state_dict() for l in self.learners},
+                 "models": self.model_states(),
                  "optimizers": {l.name: l.optimizer.state_dict() for l in self.learners}}
         if ranks is None:
             state["rng"] = self.rng_state()
@@ -604,6 +607,10 @@ def table(results: dict) -> str:
 
 
 def write_plots(trainer, probs) -> list[Path]:
+    # Imported here: matplotlib adds ~1 s to the start of every process, and under torchrun
+    # only rank 0 plots.
+    from llama_fast import plots
+
     out = trainer.out
     paths = [plots.plot_learning_curves(out / "learning_curves.png", plots.read_metrics_csv(out / METRICS_FILE))]
     if trainer.config.task == "sinusoid":
@@ -643,6 +650,8 @@ def sinusoid_figure(trainer, path, tasks=4, shots=10, points=200) -> Path:
         post = _posteriors(trainer, llama, batch, c.inner_steps)
         sample_y = _sample_functions(post, x, max(c.samples, 20), generator)
     titles = [f"A={a:.2f}, phase={p:.2f}" for a, p in zip(sample.amplitude.tolist(), sample.phase.tolist())]
+    from llama_fast import plots
+
     return plots.plot_sinusoid_tasks(path, grid, true_y, sample.support_x, sample.support_y,
                                      fit_y=fit_y, sample_y=sample_y, titles=titles)
 
