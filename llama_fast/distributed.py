@@ -126,7 +126,7 @@ def is_main_process() -> bool:
     Before ``init_from_env`` torchrun's RANK decides (so setup code can ask too)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return _env_int("RANK", 0) == 0
+    return launched_world_size() == 1 or _env_int("RANK", 0) == 0
 
 
 def shard_seed(seed: int, rank: int) -> int:

@@ -319,10 +319,11 @@ class Trainer:
         state = load_checkpoint(path)
         saved = int(state.get("world_size", 1))
         if saved != self.ctx.world_size:
-            launch = "plain python or torchrun --nproc_per_node=1" if saved == 1 else f"{saved} processes in all"
+            how = ("in one process (plain python or torchrun --nproc_per_node=1)" if saved == 1
+                   else f"with {saved} processes (e.g. torchrun --nproc_per_node={saved})")
             raise CheckpointError(path, f"written by a {saved}-process run, this run has "
                                         f"{self.ctx.world_size} (each rank continues its own task stream): "
-                                        f"resume it with {launch}, or train into a new --output")
+                                        f"resume it {how}, or train into a new --output")
         self.load_state_dict(state)
 
     def save(self) -> None:
@@ -719,6 +720,8 @@ def _run(config: ExperimentConfig) -> int:
 
 def evaluate(config: ExperimentConfig) -> int:
     """`llama-fast eval`: load a run's checkpoint and repeat the held-out evaluation."""
+    if not distributed.is_main_process():
+        return 0   # started by torchrun: the evaluation runs in one process, rank 0's
     start = time.perf_counter()
     trainer = Trainer(config)
     trainer.load_state_dict(load_checkpoint(trainer.out / CHECKPOINT_FILE))
