@@ -75,6 +75,13 @@ def finish(proc):
     return proc.returncode, output
 
 
+@pytest.fixture(scope="module", autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()   # a sinusoid Trainer built here sets 1 thread
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_cli")
