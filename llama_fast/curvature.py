@@ -248,20 +248,15 @@ class KronCurvature:
         out = []
         for l, A in enumerate(self.factors_A):
             Q_G = self.evecs_G[l].detach()
-            GZ = torch.matmul(Q_G, Z[l])  # [S, T, o, a]
             if isinstance(A, LowRankFactor):
                 V, _ = self._low_rank_basis(l)
+                GZ = _fold(torch.matmul(Q_G, Z[l]))  # [T, S*o, a]
                 Zn = _fold(Z_null[l])  # [T, S*o, i']
                 # E = Zn + (Q_G Z_1 - Zn V) V^T: one product with V^T for both parts.
-                E = torch.baddbmm(Zn, _fold(GZ) - torch.bmm(Zn, V), V.mT)
-                E = _unfold(E, S)
-            elif A.shape[-1] <= GZ.shape[-2]:
-                # i' <= o: torch.matmul's copy of Q_A^T per draw is no bigger than the fold's
-                # copy of GZ, and the result comes out contiguous.
-                E = torch.matmul(GZ, self.evecs_A[l].detach().mT)
+                E = _unfold(torch.baddbmm(Zn, GZ - torch.bmm(Zn, V), V.mT), S)
+                out.append((E + means[l]).contiguous())
             else:
-                E = _unfold(torch.bmm(_fold(GZ), self.evecs_A[l].detach().mT), S)
-            out.append((E + means[l]).contiguous())
+                out.append(_rotate_draws(Q_G, Z[l], self.evecs_A[l].detach(), means[l]))
         return out[0] if single else out
 
     def _eig_denominator(self, l, lam):
@@ -317,6 +312,17 @@ class KronCurvature:
             XA = torch.bmm(_fold(X4), A.detach())
         GXA = torch.matmul(G, _unfold(XA, X4.shape[0]))
         return self.scale * GXA + self.damping.detach()[:, None, None] * X4
+
+
+def _rotate_draws(Q_G, Z, Q_A, mean):
+    """``mean + Q_G Z_s Q_A^T`` for all draws ``Z [S, T, o, a]`` -> ``[S, T, o, a]`` by two
+    batched products over the T tasks, the S draws folded into the columns of the first and
+    the rows of the second, instead of S*T tiny products that each take a copy of Q_G or Q_A
+    (torch.matmul's broadcast)."""
+    S, T, o, a = Z.shape
+    Y = torch.bmm(Q_G, Z.permute(1, 2, 0, 3).reshape(T, o, S * a))  # [T, o, S*a]
+    E = torch.bmm(Y.view(T, o * S, a), Q_A.mT).view(T, o, S, a) + mean.unsqueeze(2)
+    return E.permute(2, 0, 1, 3).contiguous()
 
 
 def _fold(X):

@@ -21,6 +21,15 @@ def _sym_eig_fake(M):
     )
 
 
+_SYM_EIG_OP = torch.ops.llama_fast.sym_eig.default
+
+
+def _check_input(M) -> None:
+    _checks.check_tensor(M, "M")
+    if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"M must have shape [..., d, d] (square), got {tuple(M.shape)}")
+
+
 def sym_eig(M: torch.Tensor, *, check: bool = False):
     """Eigendecomposition of symmetric matrices ``M [..., d, d]`` (float32/float64).
 
@@ -32,13 +41,17 @@ def sym_eig(M: torch.Tensor, *, check: bool = False):
     nothing syncs; ``torch.ops.llama_fast.sym_eig`` also returns the per-matrix ``info``
     tensor (0: converged, 1: not converged).
     """
-    _checks.check_tensor(M, "M")
-    if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
-        raise ValueError(f"M must have shape [..., d, d] (square), got {tuple(M.shape)}")
     if check:
+        _check_input(M)
         _checks.check_finite(M, "M")
         _checks.check_symmetric(M, "M")
-    evals, evecs, info = torch.ops.llama_fast.sym_eig(M)
+    try:
+        evals, evecs, info = _SYM_EIG_OP(M)
+    except (RuntimeError, TypeError):
+        # The op checks shape and dtype itself (in C++: Python checks on every call cost as
+        # much as a 1 x 1 decomposition); on failure, say what was expected the Python way.
+        _check_input(M)
+        raise
     if check and bool((info != 0).any()):
         raise RuntimeError(f"sym_eig: {int((info != 0).sum())} matrices did not converge")
     return evals, evecs

@@ -1,7 +1,8 @@
 // CPU kernel of sym_eig: batched symmetric eigendecomposition. Two paths:
 //  - "jacobi": the parallel-order Jacobi solver shared with the CUDA kernel (eig_common.h),
 //    its rounds run serially, parallel over matrices with at::parallel_for;
-//  - "lapack": LAPACK's syevd through ATen's batched linalg_eigh.
+//  - "lapack": LAPACK's syevd through ATen's linalg_eigh: one batched call for small
+//    matrices, one call per matrix in parallel over the batch from 64 wide.
 // "auto" takes Jacobi up to d = 8, where LAPACK's fixed costs per call and per matrix dominate
 // (32 x [2x2]: 21 us vs 47 us for torch.linalg.eigh; 4 x [10x10]: Jacobi 96 us vs 61 us), and
 // LAPACK above. The Jacobi path keeps the GPU's arithmetic under test on the CPU at every size.
@@ -87,17 +88,24 @@ void jacobi_one(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
   });
 }
 
-// LAPACK matrix by matrix, NaN where it gives up (after the batched call reported a failure).
+// From this width on, a batch is decomposed matrix by matrix in parallel (one LAPACK call per
+// thread) rather than by one batched call whose syevd threads each matrix: the tridiagonal
+// reduction is memory-bound BLAS-2 and scales poorly over threads, whole matrices do.
+constexpr int64_t kMatrixParallelMinDim = 64;
+
+// LAPACK matrix by matrix, parallel over matrices; NaN where it gives up.
 void lapack_eig_each(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs) {
-  for (int64_t b = 0; b < flat.size(0); ++b) {
-    try {
-      auto [w, Q] = at::linalg_eigh(flat[b]);
-      evals[b].copy_(w);
-      evecs[b].copy_(Q);
-    } catch (const c10::Error&) {
-      evals[b].fill_(std::numeric_limits<double>::quiet_NaN());
+  at::parallel_for(0, flat.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      try {
+        auto [w, Q] = at::linalg_eigh(flat[b]);
+        evals[b].copy_(w);
+        evecs[b].copy_(Q);
+      } catch (const c10::Error&) {
+        evals[b].fill_(std::numeric_limits<double>::quiet_NaN());
+      }
     }
-  }
+  });
 }
 
 // Rows of a contiguous [B, d] tensor holding a NaN or Inf (a plain loop: the ATen ops for
@@ -123,12 +131,16 @@ std::vector<int64_t> non_finite_rows(const at::Tensor& evals) {
 // eigenvalues (2 and 1 of 600 such sinusoid factors). Jacobi converges on them. A matrix
 // that is itself non-finite keeps NaN eigenvalues and info 1.
 void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info) {
-  try {
-    std::tie(evals, evecs) = at::linalg_eigh(flat);
-    evals = evals.contiguous();
-    evecs = evecs.contiguous();
-  } catch (const c10::Error&) {
+  if (flat.size(0) > 1 && flat.size(-1) >= kMatrixParallelMinDim) {
     lapack_eig_each(flat, evals, evecs);
+  } else {
+    try {
+      std::tie(evals, evecs) = at::linalg_eigh(flat);
+      evals = evals.contiguous();
+      evecs = evecs.contiguous();
+    } catch (const c10::Error&) {
+      lapack_eig_each(flat, evals, evecs);
+    }
   }
   for (const int64_t b : non_finite_rows(evals)) {
     if (at::isfinite(flat[b]).all().item<bool>())

@@ -245,15 +245,12 @@ void mirror_lower_to_upper(T* out, int64_t width, int64_t n) {
   }
 }
 
-// Per task: the scaled lower-triangle panels row by row into `out` (contiguous, vectorised),
-// then their mirror image (only entries on or below the diagonal are read, so the result is
-// exactly symmetric), then the bias row from column sums and the corner.
+// Several block-row panels (wide factors): the scaled lower triangle row by row into `out`
+// (contiguous, vectorised); the caller mirrors it.
 template <typename T>
-void finish_task_blas(const GramProblem& p, const std::vector<at::Tensor>& panels, int64_t task) {
-  using acc_t = at::opmath_type<T>;
+void copy_lower_panels(const GramProblem& p, const std::vector<at::Tensor>& panels, int64_t task,
+                       T scale, T* out) {
   const int64_t width = p.width();
-  T* out = static_cast<T*>(p.out) + task * width * width;
-  const T scale = static_cast<T>(p.scale);
   for (size_t b = 0; b < panels.size(); ++b) {
     const int64_t c0 = static_cast<int64_t>(b) * blas_block(p);
     const int64_t bw = panels[b].size(2);
@@ -265,7 +262,36 @@ void finish_task_blas(const GramProblem& p, const std::vector<at::Tensor>& panel
       for (int64_t k = 0; k < n; ++k) dst[k] = scale * src[k];
     }
   }
-  mirror_lower_to_upper(out, width, p.cols);
+}
+
+// One full-width panel (narrow factors): each output row is written once, contiguously, from
+// the panel's lower triangle (row r up to the diagonal, then column r below it), so the
+// result is exactly symmetric without a strided mirror pass (which cost more than the gemm
+// at 40 wide).
+template <typename T>
+void copy_symmetric_from_lower(const T* panel, int64_t n, T scale, T* out, int64_t width) {
+  for (int64_t r = 0; r < n; ++r) {
+    T* dst = out + r * width;
+    const T* row = panel + r * n;
+    for (int64_t k = 0; k <= r; ++k) dst[k] = scale * row[k];
+    for (int64_t k = r + 1; k < n; ++k) dst[k] = scale * panel[k * n + r];
+  }
+}
+
+// Per task: the Gram block from the panels (only entries on or below the diagonal are read,
+// so the result is exactly symmetric), then the bias row from column sums and the corner.
+template <typename T>
+void finish_task_blas(const GramProblem& p, const std::vector<at::Tensor>& panels, int64_t task) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t width = p.width();
+  T* out = static_cast<T*>(p.out) + task * width * width;
+  const T scale = static_cast<T>(p.scale);
+  if (panels.size() == 1) {
+    copy_symmetric_from_lower(panels[0].data_ptr<T>() + task * panels[0].stride(0), p.cols, scale, out, width);
+  } else {
+    copy_lower_panels(p, panels, task, scale, out);
+    mirror_lower_to_upper(out, width, p.cols);
+  }
   if (!p.ones) return;
   const T* x = static_cast<const T*>(p.x) + task * p.stride_t;
   std::vector<acc_t> sums(p.cols, acc_t(0));
