@@ -14,11 +14,15 @@ __all__ = ["sym_eig"]
 
 @torch.library.register_fake("llama_fast::sym_eig")
 def _sym_eig_fake(M):
-    return (
-        M.new_empty(M.shape[:-1]),
-        M.new_empty(M.shape),
-        M.new_empty(M.shape[:-2], dtype=torch.int32),
-    )
+    return M.new_empty(M.shape[:-1]), _evecs_like(M), M.new_empty(M.shape[:-2], dtype=torch.int32)
+
+
+def _evecs_like(M):
+    """The eigenvector tensor's layout: column-major per matrix on the CPU (LAPACK's, like
+    torch.linalg.eigh), row-major from the CUDA kernels."""
+    if M.device.type != "cpu":
+        return M.new_empty(M.shape)
+    return M.new_empty(M.shape).transpose(-1, -2)
 
 
 _SYM_EIG_OP = torch.ops.llama_fast.sym_eig.default

@@ -11,6 +11,7 @@ import torch
 
 from .chol import chol_logdet
 from .curvature import KronCurvature, prepare_factors
+from .eig import _evecs_like
 from .lowrank import LowRankFactor
 
 __all__ = ["kron_logdet"]
@@ -33,9 +34,9 @@ def _exact_fake(A, G, damping, scale):
     return (
         damping.new_empty(damping.shape),
         [x.new_empty(x.shape[:-1]) for x in A],
-        [x.new_empty(x.shape) for x in A],
+        [_evecs_like(x) for x in A],
         [x.new_empty(x.shape[:-1]) for x in G],
-        [x.new_empty(x.shape) for x in G],
+        [_evecs_like(x) for x in G],
     )
 
 

@@ -55,7 +55,8 @@ void jacobi_round(T* A, T* V, int64_t d, int64_t n, int64_t round, T* c, T* s) {
   }
 }
 
-// Eigendecomposition of one d x d matrix M into ascending evals and column eigenvectors.
+// Eigendecomposition of one d x d matrix M into ascending evals and column eigenvectors,
+// stored column-major (LAPACK's layout, that of every CPU result).
 template <typename T>
 int jacobi_eig(const T* M, int64_t d, T* evals, T* evecs) {
   const int64_t n = jacobi_even(d);
@@ -72,12 +73,12 @@ int jacobi_eig(const T* M, int64_t d, T* evals, T* evecs) {
   for (int64_t i = 0; i < d; ++i) {
     const int64_t r = ascending_rank(A.data(), d, i);
     evals[r] = A[i * d + i];
-    for (int64_t row = 0; row < d; ++row) evecs[row * d + r] = V[row * d + i];
+    for (int64_t row = 0; row < d; ++row) evecs[r * d + row] = V[row * d + i];
   }
   return converged ? 0 : 1;
 }
 
-// Matrix b of the batch by the shared Jacobi solver, into evals[b] / evecs[b] (contiguous).
+// Matrix b of the batch by the shared Jacobi solver, into evals[b] / evecs[b].
 void jacobi_one(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info,
                 int64_t b) {
   const int64_t d = flat.size(-1);
@@ -135,9 +136,11 @@ void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
     lapack_eig_each(flat, evals, evecs);
   } else {
     try {
-      std::tie(evals, evecs) = at::linalg_eigh(flat);
+      at::Tensor Q;
+      std::tie(evals, Q) = at::linalg_eigh(flat);
       evals = evals.contiguous();
-      evecs = evecs.contiguous();
+      // LAPACK's batched result is already column-major per matrix; anything else is copied.
+      if (Q.strides() == evecs.strides()) evecs = Q; else evecs.copy_(Q);
     } catch (const c10::Error&) {
       lapack_eig_each(flat, evals, evecs);
     }
@@ -185,7 +188,9 @@ SymEigOutput sym_eig_cpu(const at::Tensor& M) {
   const at::Tensor flat = M.reshape({-1, d, d}).contiguous();
   const int64_t batch = flat.size(0);
   at::Tensor evals = at::empty({batch, d}, flat.options());
-  at::Tensor evecs = at::empty({batch, d, d}, flat.options());
+  // Eigenvectors column-major per matrix, as LAPACK (and torch.linalg.eigh) return them:
+  // no transposing copy of LAPACK's result (it cost as much as a 10 x 10 solve).
+  at::Tensor evecs = at::empty_strided({batch, d, d}, {d * d, 1, d}, flat.options());
   at::Tensor info = at::zeros({batch}, flat.options().dtype(at::kInt));
   if (batch > 0 && d > 0) {
     if (use_jacobi(d)) {
@@ -195,7 +200,7 @@ SymEigOutput sym_eig_cpu(const at::Tensor& M) {
       lapack_eig(flat, evals, evecs, info);
     }
   }
-  return unflatten_sym_eig(M, evals.contiguous(), evecs.contiguous(), info);
+  return unflatten_sym_eig(M, evals, evecs, info);
 }
 
 }  // namespace
