@@ -39,7 +39,7 @@ TASK_DEFAULTS = {
 # `llama-fast train` with neither a task nor --config: the quickstart, MAML and LLAMA on
 # sinusoid sized to finish (training, evaluation on 600 tasks, plots) in a few minutes on two
 # CPU cores. Any flag still overrides these values.
-QUICKSTART = {"task": "sinusoid", "iterations": 1500, "meta_batch": 25, "meta_lr": 0.003,
+QUICKSTART = {"task": "sinusoid", "iterations": 3000, "meta_batch": 25, "meta_lr": 0.003,
               "log_every": 20, "eval_every": 500, "checkpoint_every": 500,
               "output": "runs/quickstart"}
 
