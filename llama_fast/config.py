@@ -21,6 +21,9 @@ import torch
 TASKS = ("sinusoid", "omniglot")
 ALGORITHMS = ("maml", "llama")
 FISHERS = ("exact", "mc", "empirical")
+# How damping = "auto" picks LLAMA's posterior delta on the meta-validation tasks: the Laplace
+# evidence of the support sets, or the predictive NLL of the query sets (llama_fast.experiment).
+DAMPING_OBJECTIVES = ("evidence", "nll")
 OMNIGLOT_DRAWINGS = 20
 CONFIG_FILE = "config.toml"  # the files of a run folder (config.output)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -62,6 +65,7 @@ class ExperimentConfig:
     first_order: bool = False
     eta: float = 1e-3
     damping: float | str = "auto"
+    damping_objective: str = "evidence"
     fisher: str = "exact"
     shots: int | None = None
     query_shots: int | None = None
@@ -259,6 +263,7 @@ FIELD_CHECKS = {
     "first_order": _check_bool,
     "eta": _check_float(0.0, strict=False),
     "damping": _check_damping,
+    "damping_objective": lambda n, v: _check_choice(n, v, DAMPING_OBJECTIVES),
     "fisher": lambda n, v: _check_choice(n, v, FISHERS),
     "shots": _check_int(1),
     "query_shots": _check_int(1),
