@@ -21,8 +21,8 @@ import torch
 import llama_fast as lf
 from llama_fast import _extension, distributed
 from llama_fast.checkpoint import CheckpointError
-from llama_fast.config import (ALGORITHMS, CHECKPOINT_FILE, CONFIG_FILE, FIELD_CHECKS, FISHERS,
-                               QUICKSTART, ConfigError, ExperimentConfig)
+from llama_fast.config import (ALGORITHMS, CHECKPOINT_FILE, CONFIG_FILE, DAMPING_OBJECTIVES, FIELD_CHECKS,
+                               FISHERS, QUICKSTART, ConfigError, ExperimentConfig)
 
 
 def cmd_info(args) -> int:
@@ -90,6 +90,11 @@ _FLAGS = {
     "eta": ("--eta", float, "ETA", "LLAMA weight of the log-det term, >= 0 (default: 0.001)"),
     "damping": ("--damping", _auto_or_float, "DELTA",
                 "prior precision delta added to the K-FAC curvature, > 0, or 'auto' (default: auto)"),
+    "damping_objective": ("--damping-objective", str, "OBJ",
+                          f"what --damping auto optimises over its delta grid on the meta-validation tasks: "
+                          f"{' or '.join(DAMPING_OBJECTIVES)}; evidence = the Laplace marginal likelihood of the "
+                          "support sets, nll = the predictive NLL of the query sets with the evaluation's "
+                          "S-sample predictive (laplace-torch's gridsearch) (default: evidence)"),
     "fisher": ("--fisher", str, "TYPE", f"K-FAC curvature: {', '.join(FISHERS)} (default: exact)"),
     "shots": ("--shots", int, "K", "support examples per class (omniglot) or per task (sinusoid) "
                                    "(default: 1 omniglot, 10 sinusoid)"),
@@ -111,7 +116,8 @@ _FLAGS = {
 }
 
 TRAIN_FIELDS = [f for f in _FLAGS if f != "oneshot_runs"]
-EVAL_FIELDS = ["algorithm", "device", "seed", "inner_lr", "inner_steps", "damping", "fisher", "shots",
+EVAL_FIELDS = ["algorithm", "device", "seed", "inner_lr", "inner_steps", "damping", "damping_objective",
+               "fisher", "shots",
                "query_shots", "ways", "eval_tasks", "samples", "data", "oneshot_runs"]
 
 

@@ -21,6 +21,9 @@ import torch
 TASKS = ("sinusoid", "omniglot")
 ALGORITHMS = ("maml", "llama")
 FISHERS = ("exact", "mc", "empirical")
+# How damping = "auto" picks LLAMA's posterior delta on the meta-validation tasks: the Laplace
+# evidence of the support sets, or the predictive NLL of the query sets (llama_fast.experiment).
+DAMPING_OBJECTIVES = ("evidence", "nll")
 OMNIGLOT_DRAWINGS = 20
 CONFIG_FILE = "config.toml"  # the files of a run folder (config.output)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -39,7 +42,7 @@ TASK_DEFAULTS = {
 # `llama-fast train` with neither a task nor --config: the quickstart, MAML and LLAMA on
 # sinusoid sized to finish (training, evaluation on 600 tasks, plots) in a few minutes on two
 # CPU cores. Any flag still overrides these values.
-QUICKSTART = {"task": "sinusoid", "iterations": 1500, "meta_batch": 25, "meta_lr": 0.003,
+QUICKSTART = {"task": "sinusoid", "iterations": 3000, "meta_batch": 25, "meta_lr": 0.003,
               "log_every": 20, "eval_every": 500, "checkpoint_every": 500,
               "output": "runs/quickstart"}
 
@@ -62,6 +65,7 @@ class ExperimentConfig:
     first_order: bool = False
     eta: float = 1e-3
     damping: float | str = "auto"
+    damping_objective: str = "evidence"
     fisher: str = "exact"
     shots: int | None = None
     query_shots: int | None = None
@@ -263,6 +267,7 @@ FIELD_CHECKS = {
     "first_order": _check_bool,
     "eta": _check_float(0.0, strict=False),
     "damping": _check_damping,
+    "damping_objective": lambda n, v: _check_choice(n, v, DAMPING_OBJECTIVES),
     "fisher": lambda n, v: _check_choice(n, v, FISHERS),
     "shots": _check_int(1),
     "query_shots": _check_int(1),

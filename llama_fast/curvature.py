@@ -18,6 +18,7 @@ of Lambda below ``N_max * eps * max Lambda`` are treated as zeros and dropped, i
 every direction orthogonal to them has eigenvalue 0 (precision exactly ``delta`` there).
 """
 
+import copy
 import math
 import numbers
 
@@ -133,6 +134,25 @@ class KronCurvature:
     def logdet(self) -> torch.Tensor:
         """``sum_l log det H_l`` per task, ``[T]``; differentiable (single backward)."""
         return self._logdet
+
+    def with_damping(self, damping) -> "KronCurvature":
+        """The same curvature with another ``delta`` (a float or a per-task tensor ``[T]``).
+
+        No eigendecomposition is redone: the copy shares the cached eigenbases (they do not
+        depend on delta), so trying a grid of deltas costs one decomposition. Its log-det is
+        re-summed from the cached eigenvalues and is a constant (no gradient to the factors);
+        build a new ``KronCurvature`` where that gradient is needed.
+        """
+        like = self.evals_G[0]
+        other = copy.copy(self)
+        other.damping = _damping_tensor(damping, self.tasks, like, check=True)
+        evals_A = [lam.detach() for lam in self.evals_A]
+        evals_G = [mu.detach() for mu in self.evals_G]
+        other._logdet = (torch.ops.llama_fast.kron_logdet_from_eigs(evals_A, evals_G, other.damping, self.scale)
+                         + self._null_pairs() * torch.log(other.damping))
+        # The low-rank bases are delta-free: one cache for both (filled by either).
+        other.__dict__["_basis_cache"] = self.__dict__.setdefault("_basis_cache", {})
+        return other
 
     # ---- sampling, solves, products -----------------------------------------------------------
 

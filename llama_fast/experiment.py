@@ -43,7 +43,9 @@ from llama_fast.config import CHECKPOINT_FILE, METRICS_FILE, ExperimentConfig
 from llama_fast.functional import inspect_model
 
 METRICS_JSON = "metrics.json"
-DAMPING_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 7))   # 1e-3 .. 1e3, half-decades
+# 1e-4 .. 1e4 in half decades (laplace-torch's gridsearch interval). With a 1-shot support set
+# almost every direction of H is delta alone, so a useful sampled predictive can need delta >= 1e3.
+DAMPING_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 9))
 INITIAL_DAMPING = 1.0        # delta of LLAMA's training log-det term under damping = "auto"
 SINUSOID_EVAL_SHOTS = (5, 10)
 EVAL_STEPS = (1, 10)
@@ -172,24 +174,84 @@ def _summed_nll(post, x, y, loss) -> torch.Tensor:
     return -probs.gather(-1, y.unsqueeze(-1)).clamp_min(1e-12).log().flatten(1).sum(1)
 
 
+def predictive_nll(post, x, y, loss, samples, seed, grid=DAMPING_GRID) -> torch.Tensor:
+    """Mean predictive NLL per (delta, task), ``[len(grid), T]``, of the evaluation's LLAMA
+    predictive (``samples`` posterior samples; moment-matched Gaussian for regression) on
+    ``(x, y)``. The posterior is re-damped with ``with_damping`` (one adaptation and one
+    eigendecomposition for the whole grid) and every delta sees the same normal draws (a
+    generator seeded with ``seed`` each time), so the curve is smooth in delta."""
+    rows = []
+    for delta in grid:
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        out = post.with_damping(delta).predict(x, num_samples=samples, generator=generator)
+        if loss == "mse":
+            mean, std = out
+            z = (y - mean) / std
+            rows.append((0.5 * z ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1).double())
+        else:
+            picked = out.gather(-1, y.unsqueeze(-1)).squeeze(-1).double().clamp_min(1e-12)
+            rows.append(-picked.log().flatten(1).mean(1))
+    return torch.stack(rows)
+
+
 def select_damping(config, model, tasks) -> tuple[float, list]:
-    """delta maximising the summed Laplace evidence of the meta-validation support sets."""
+    """LLAMA's posterior delta, chosen on the meta-validation tasks over DAMPING_GRID.
+
+    ``config.damping_objective``: "evidence" maximises the summed Laplace evidence of the
+    support sets (laplace-torch's marginal-likelihood choice); "nll" minimises the mean
+    predictive NLL of the query sets under the evaluation's S-sample predictive (laplace-torch's
+    ``optimize_prior_precision(method="gridsearch")`` on validation NLL). Returns the delta and
+    ``[(delta, objective)]`` over the grid.
+    """
     sampler = tasks.fixed("val", config.shots, config.query_shots, VAL_TASKS[config.task], VAL_RANK)
     batch = _batch(sampler.sample())
     loss = _loss(config)
     post = lf.adapt(model, batch.support_x, batch.support_y, loss=loss, inner_lr=config.inner_lr,
                     inner_steps=config.inner_steps, damping=1.0, fisher=config.fisher)
-    evidence = laplace_evidence(post, model, _summed_nll(post, batch.support_x, batch.support_y, loss))
-    finite = torch.isfinite(evidence).all(0)
+    if config.damping_objective == "nll":
+        values = predictive_nll(post, batch.query_x, batch.query_y, loss, config.samples,
+                                data.derive_seed(config.seed, VAL_RANK))
+        what = "predictive NLL"
+    else:
+        values = laplace_evidence(post, model, _summed_nll(post, batch.support_x, batch.support_y, loss))
+        what = "Laplace evidence"
+    finite = torch.isfinite(values).all(0)
     if not bool(finite.all()):
-        print(f"damping auto: {int((~finite).sum())} of {finite.numel()} validation tasks have "
-              "non-finite curvature; left out of the evidence")
-    total = evidence[:, finite].sum(1)
+        print(f"damping auto: {int((~finite).sum())} of {finite.numel()} validation tasks have a "
+              f"non-finite {what}; left out of it")
+    total = values[:, finite].sum(1) if config.damping_objective == "evidence" else values[:, finite].mean(1)
     if not bool(torch.isfinite(total).any()):
-        raise FloatingPointError("damping auto: the Laplace evidence is not finite for any delta "
+        raise FloatingPointError(f"damping auto: the {what} is not finite for any delta "
                                  "(did meta-training diverge?)")
-    best = int(total.nan_to_num(nan=-math.inf).argmax())
+    if config.damping_objective == "nll":
+        best = int(total.nan_to_num(nan=math.inf).argmin())
+    else:
+        best = int(total.nan_to_num(nan=-math.inf).argmax())
     return DAMPING_GRID[best], [(d, float(e)) for d, e in zip(DAMPING_GRID, total)]
+
+
+def damping_message(config, curve, delta) -> str:
+    """One line: the objective over the grid and the choice (flagged at the grid's edge)."""
+    if config.damping_objective == "nll":
+        head = (f"damping auto (nll): mean predictive NLL (S = {config.samples}) of the meta-validation "
+                "query sets per delta: ")
+    else:
+        head = "damping auto (evidence): Laplace evidence of the meta-validation support sets per delta: "
+    edge = " (the edge of the grid)" if delta in (DAMPING_GRID[0], DAMPING_GRID[-1]) else ""
+    return head + ", ".join(f"{d:g}: {e:.4g}" for d, e in curve) + f" -> delta = {delta:g}{edge}"
+
+
+def choose_eval_damping(trainer) -> bool:
+    """Under damping auto with a LLAMA learner: select the evaluation's delta on the current
+    meta-parameters, keep the curve for metrics.json and print it. False if there is nothing
+    to select (a fixed delta, or no LLAMA)."""
+    c = trainer.config
+    llama = trainer.learner("llama")
+    if c.damping != "auto" or llama is None:
+        return False
+    trainer.eval_damping, trainer.damping_curve = select_damping(c, llama.model, trainer.tasks)
+    print(damping_message(c, trainer.damping_curve, trainer.eval_damping))
+    return True
 
 
 # ----------------------------------------------------------------------------- training
@@ -446,14 +508,9 @@ def train(trainer: Trainer, log: metrics.MetricsLog) -> None:
 
 
 def _final_damping(trainer: Trainer) -> None:
-    """The delta the held-out evaluation uses (rank 0: it alone evaluates)."""
-    c = trainer.config
-    if c.damping == "auto" and trainer.learner("llama") is not None:
-        # The final choice, on the trained meta-parameters, is what the evaluation uses.
-        trainer.eval_damping, grid = select_damping(c, trainer.learner("llama").model, trainer.tasks)
-        print("damping auto: Laplace evidence of the meta-validation support sets per delta: "
-              + ", ".join(f"{d:g}: {e:.1f}" for d, e in grid) + f" -> delta = {trainer.eval_damping:g}")
-    else:
+    """The delta the held-out evaluation uses (rank 0: it alone evaluates). The final choice,
+    on the trained meta-parameters, is what the evaluation uses."""
+    if not choose_eval_damping(trainer):
         trainer.eval_damping = trainer.damping
 
 
@@ -471,11 +528,18 @@ def _posteriors(trainer, learner, batch, steps):
                     inner_lr=c.inner_lr, inner_steps=steps, damping=trainer.eval_damping, fisher=c.fisher)
 
 
-def _predict(trainer, learner, post, x, generator):
-    """LLAMA: the posterior predictive with S samples; MAML: its adapted point estimate."""
+POINT = "llama_point"   # results column: LLAMA's adapted mean phi_i alone (no posterior samples)
+
+
+def _predict(trainer, learner, post, x, generator) -> dict:
+    """Predictions by results column. MAML: its adapted point estimate. LLAMA: the posterior
+    predictive with S samples, and (as "llama_point") the point estimate phi_i of the same
+    posterior, so that the samples' effect is visible; the point estimate draws nothing, so
+    the sampled predictive is the same with or without it."""
     if learner.name == "llama":
-        return post.predict(x, num_samples=trainer.config.samples, generator=generator)
-    return post.predict(x)
+        return {learner.name: post.predict(x, num_samples=trainer.config.samples, generator=generator),
+                POINT: post.predict(x)}
+    return {learner.name: post.predict(x)}
 
 
 def _chunks(batch: lf.TaskBatch, size: int):
@@ -495,16 +559,20 @@ def evaluate_regression(trainer) -> dict:
             for learner in trainer.learners:
                 generator = torch.Generator().manual_seed(data.derive_seed(c.seed, SAMPLE_RANK))
                 post = _posteriors(trainer, learner, batch, steps)
-                mean, std = _predict(trainer, learner, post, batch.query_x, generator)
-                y = batch.query_y
-                per_task_mse = ((mean - y) ** 2).flatten(1).mean(1)
-                z = (y - mean) / std
-                per_task_nll = (0.5 * z ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
-                entry = {"mse": _ci(per_task_mse), "nll": _ci(per_task_nll)}
-                for level, cov in metrics.gaussian_interval_coverage(y, mean, std).items():
-                    entry[f"coverage_{round(level * 100)}"] = cov
-                results.setdefault(learner.name, {})[f"K{shots}_steps{steps}"] = entry
+                for name, (mean, std) in _predict(trainer, learner, post, batch.query_x, generator).items():
+                    results.setdefault(name, {})[f"K{shots}_steps{steps}"] = _regression_metrics(
+                        mean, std, batch.query_y)
     return results
+
+
+def _regression_metrics(mean, std, y) -> dict:
+    per_task_mse = ((mean - y) ** 2).flatten(1).mean(1)
+    z = (y - mean) / std
+    per_task_nll = (0.5 * z ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+    entry = {"mse": _ci(per_task_mse), "nll": _ci(per_task_nll)}
+    for level, cov in metrics.gaussian_interval_coverage(y, mean, std).items():
+        entry[f"coverage_{round(level * 100)}"] = cov
+    return entry
 
 
 def _classification_metrics(probs, labels) -> dict:
@@ -518,14 +586,16 @@ def _classification_metrics(probs, labels) -> dict:
             "ece": metrics.expected_calibration_error(probs, labels)}
 
 
-def classification_probs(trainer, learner, batch, steps, chunk) -> torch.Tensor:
+def classification_probs(trainer, learner, batch, steps, chunk) -> dict:
+    """Query-set probabilities ``[T, M, C]`` by results column (see ``_predict``)."""
     c = trainer.config
     generator = torch.Generator().manual_seed(data.derive_seed(c.seed, SAMPLE_RANK))
-    parts = []
+    parts = {}
     for part in _chunks(batch, chunk):
         post = _posteriors(trainer, learner, part, steps)
-        parts.append(_predict(trainer, learner, post, part.query_x, generator))
-    return torch.cat(parts)
+        for name, probs in _predict(trainer, learner, post, part.query_x, generator).items():
+            parts.setdefault(name, []).append(probs)
+    return {name: torch.cat(p) for name, p in parts.items()}
 
 
 def evaluate_classification(trainer, batch, tag) -> tuple[dict, dict]:
@@ -533,9 +603,10 @@ def evaluate_classification(trainer, batch, tag) -> tuple[dict, dict]:
     c = trainer.config
     results, all_probs = {}, {}
     for learner in trainer.learners:
-        probs = classification_probs(trainer, learner, batch, c.inner_steps, EVAL_CHUNK[c.task])
-        all_probs[learner.name] = probs
-        results[learner.name] = {tag: _classification_metrics(probs, batch.query_y)}
+        for name, probs in classification_probs(trainer, learner, batch, c.inner_steps,
+                                                EVAL_CHUNK[c.task]).items():
+            all_probs[name] = probs
+            results[name] = {tag: _classification_metrics(probs, batch.query_y)}
     return results, all_probs
 
 
@@ -580,6 +651,9 @@ def summary(trainer, results, wall_s) -> dict:
     c = trainer.config
     return {"task": c.task, "iterations": trainer.iteration, "eval_tasks": c.eval_tasks,
             "samples": c.samples, "damping": trainer.eval_damping, "damping_mode": str(c.damping),
+            "damping_objective": c.damping_objective,
+            # The objective over the grid behind an auto choice (empty for a fixed delta).
+            "damping_curve": [list(x) for x in getattr(trainer, "damping_curve", None) or []],
             "damping_history": [list(x) for x in trainer.damping_history],
             "wall_seconds": round(wall_s, 1), "results": results}
 
@@ -593,11 +667,20 @@ def _fmt(entry) -> str:
     return f"{entry:.3f}"
 
 
+def _damping_note(trainer) -> str:
+    c = trainer.config
+    mode = f"auto, {c.damping_objective}" if c.damping == "auto" else "fixed"
+    note = f"LLAMA damping delta = {trainer.eval_damping:g} ({mode}), S = {c.samples}"
+    if trainer.learner("llama") is not None:
+        note += "\n(LLAMA: the posterior predictive of S samples; LLAMA POINT: the same posterior's mean phi_i)"
+    return note
+
+
 def table(results: dict) -> str:
     """The MAML-vs-LLAMA table: one row per (setting, metric), one column per algorithm."""
     names = [n for n, v in results.items() if isinstance(v, dict)]
     settings = list(dict.fromkeys(s for n in names for s in results[n]))
-    lines = [f"{'setting':<16}{'metric':<13}" + "".join(f"{n.upper():>20}" for n in names)]
+    lines = [f"{'setting':<16}{'metric':<13}" + "".join(f"{n.upper().replace('_', ' '):>20}" for n in names)]
     for setting in settings:
         metric_names = list(dict.fromkeys(m for n in names for m in results[n].get(setting, {})))
         for metric in metric_names:
@@ -620,7 +703,7 @@ def write_plots(trainer, probs) -> list[Path]:
         labels = trainer.tasks.fixed("test", trainer.config.shots, trainer.config.query_shots,
                                      trainer.config.eval_tasks, TEST_RANK).sample().query_y
         paths.append(plots.plot_reliability(out / f"reliability_{name}.png", p, labels,
-                                            title=f"{name.upper()}: reliability (ECE "
+                                            title=f"{name.upper().replace('_', ' ')}: reliability (ECE "
                                                   f"{100 * metrics.expected_calibration_error(p, labels):.2f}%)"))
     return paths
 
@@ -662,7 +745,7 @@ def report(trainer, results, wall_s, probs) -> dict:
     (trainer.out / METRICS_JSON).write_text(json.dumps(out, indent=2) + "\n")
     paths = write_plots(trainer, probs)
     print(f"\n{trainer.config.task}: {trainer.iteration} iterations, held-out tasks: {trainer.config.eval_tasks}, "
-          f"LLAMA damping delta = {trainer.eval_damping:g} ({trainer.config.damping}), S = {trainer.config.samples}")
+          f"{_damping_note(trainer)}")
     print(table(results))
     print(f"wall time {wall_s:.1f} s; wrote {trainer.out / METRICS_JSON}, {trainer.out / METRICS_FILE}, "
           f"{trainer.out / CHECKPOINT_FILE}, " + ", ".join(str(p) for p in paths))
@@ -727,14 +810,14 @@ def evaluate(config: ExperimentConfig) -> int:
     trainer.load_state_dict(load_checkpoint(trainer.out / CHECKPOINT_FILE))
     if config.damping != "auto":   # an explicit --damping overrides the run's selection
         trainer.eval_damping = float(config.damping)
-    elif trainer.learner("llama") is not None:
+    else:
         # The same deterministic choice training's end makes; also covers a checkpoint written
         # mid-run (a killed run evaluated as it stands).
-        trainer.eval_damping, _ = select_damping(config, trainer.learner("llama").model, trainer.tasks)
+        choose_eval_damping(trainer)
     results, probs = evaluate_trainer(trainer)
     out = summary(trainer, results, time.perf_counter() - start)
     (trainer.out / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{config.task}: checkpoint at iteration {trainer.iteration}, LLAMA damping delta = {trainer.eval_damping:g}")
+    print(f"{config.task}: checkpoint at iteration {trainer.iteration}, {_damping_note(trainer)}")
     print(table(results))
     if "oneshot_runs_skipped" in results:
         print(f"one-shot runs not evaluated: {results['oneshot_runs_skipped']}")

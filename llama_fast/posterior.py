@@ -8,6 +8,8 @@ section 1). ``kron_laplace`` is the same posterior around given parameters on on
 their point estimate in samples.
 """
 
+import copy
+
 import torch
 from torch.func import functional_call
 
@@ -51,6 +53,16 @@ class TaskPosterior:
         if self.backend == "reference":
             return reference.kron_logdet(self.A, self.G, damping=self.damping, scale=self.scale)
         return self.curvature.logdet()
+
+    def with_damping(self, damping) -> "TaskPosterior":
+        """The same posteriors with prior precision ``damping`` (float or ``[T]``): the adapted
+        parameters, factors and eigendecompositions are shared (no new adaptation or
+        eigendecomposition; :meth:`KronCurvature.with_damping`), so a grid of deltas costs one
+        :func:`adapt`."""
+        other = copy.copy(self)
+        other.damping = check_damping(damping, self.tasks)
+        other.curvature = self.curvature.with_damping(other.damping)
+        return other
 
     def mean(self) -> list:
         """Per-layer homogeneous means ``[T, o, i']`` (``[W.reshape(o, -1), b]``)."""

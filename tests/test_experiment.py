@@ -45,12 +45,17 @@ def test_tiny_run_writes_every_output(tmp_path, capsys):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["iterations"] == 6 and summary["damping"] in experiment.DAMPING_GRID
-    for name in ("maml", "llama"):
+    assert summary["damping_objective"] == "evidence"
+    curve = summary["damping_curve"]
+    assert [d for d, _ in curve] == list(experiment.DAMPING_GRID)
+    assert summary["damping"] == max(curve, key=lambda row: row[1])[0]   # the evidence's maximiser
+    for name in ("maml", "llama", "llama_point"):
         for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
             entry = summary["results"][name][setting]
             assert {"mse", "nll", "coverage_50", "coverage_90", "coverage_95"} <= set(entry)
     printed = capsys.readouterr().out
     assert "MAML" in printed and "LLAMA" in printed and "coverage_90" in printed
+    assert "LLAMA POINT" in printed and "damping auto (evidence)" in printed
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("iteration,algorithm") and len(rows) > 12
 
@@ -181,3 +186,44 @@ def test_laplace_evidence_matches_the_dense_log_det(loss):
         logdet = reference.kron_logdet(dense, post.G, damping=delta, scale=post.scale)
         expected = -nll - 0.5 * delta * sq + 0.5 * P * torch.log(torch.tensor(delta, dtype=torch.float64)) - 0.5 * logdet
         torch.testing.assert_close(row, expected, rtol=1e-10, atol=1e-8)
+
+
+def test_damping_objective_nll_picks_the_lowest_validation_nll(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--damping-objective", "nll") == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["damping_objective"] == "nll"
+    curve = summary["damping_curve"]
+    assert [d for d, _ in curve] == list(experiment.DAMPING_GRID)
+    assert summary["damping"] == min(curve, key=lambda row: row[1])[0]
+    assert "damping auto (nll)" in capsys.readouterr().out
+    assert cli.main(["eval", str(out)]) == 0   # eval repeats the choice from config.toml
+    assert json.loads((out / "eval.json").read_text())["damping"] == summary["damping"]
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_predictive_nll_is_the_evaluation_predictive_per_delta(loss):
+    """predictive_nll re-damps one posterior; each row equals a fresh adapt at that delta
+    predicting with the same seed (S samples), scored as the evaluation scores it."""
+    import math
+
+    import llama_fast as lf
+
+    torch.manual_seed(0)
+    out = 1 if loss == "mse" else 4
+    model = lf.models.mlp(2, [8], out).double()
+    x = torch.randn(3, 5, 2, dtype=torch.float64)
+    y = torch.randn(3, 5, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, out, (3, 5))
+    post = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=1.0)
+    grid = (0.01, 1.0, 100.0)
+    values = experiment.predictive_nll(post, x, y, loss, samples=4, seed=11, grid=grid)
+    assert values.shape == (3, 3)
+    for row, delta in zip(values, grid):
+        fresh = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=delta)
+        pred = fresh.predict(x, num_samples=4, generator=torch.Generator().manual_seed(11))
+        if loss == "mse":
+            mean, std = pred
+            expected = (0.5 * ((y - mean) / std) ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+        else:
+            expected = -pred.gather(-1, y.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12).log().mean(1)
+        torch.testing.assert_close(row, expected.double(), rtol=1e-9, atol=1e-9)

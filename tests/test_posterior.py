@@ -207,3 +207,30 @@ def test_softmax_ggn_roots(classes, rng):
     assert U.shape == (classes - 1, 6, classes)
     want = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
     torch.testing.assert_close(torch.einsum("kni,knj->nij", U, U), want, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("delta", [0.05, 30.0])
+def test_with_damping_equals_a_fresh_adapt(delta, rng):
+    """with_damping reuses the eigendecompositions (low-rank conv/linear factors included):
+    log-det, samples, predictions and solves equal those of adapt(..., damping=delta)."""
+    model, x, y = conv_setup(rng, "cpu")
+    base = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
+    assert any(isinstance(A, lf.LowRankFactor) for A in base.A)
+    base.sample(1, generator=torch.Generator().manual_seed(0))   # fills the shared basis cache
+    moved = base.with_damping(delta)
+    fresh = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=delta)
+    assert moved.damping == delta and base.damping == 1.0
+    torch.testing.assert_close(moved.logdet(), fresh.logdet(), rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(base.logdet(), base.with_damping(1.0).logdet(), rtol=1e-10, atol=1e-8)
+    draws = [p.sample(3, generator=torch.Generator().manual_seed(5)) for p in (moved, fresh)]
+    for name in draws[0]:
+        torch.testing.assert_close(draws[0][name], draws[1][name], rtol=1e-9, atol=1e-10)
+    probs = [p.predict(x, num_samples=2, generator=torch.Generator().manual_seed(7)) for p in (moved, fresh)]
+    torch.testing.assert_close(probs[0], probs[1], rtol=1e-9, atol=1e-10)
+    V = [torch.randn(2, *m.shape[1:], generator=rng, dtype=DT) for m in base.mean()]
+    for a, b in zip(moved.curvature.solve(V), fresh.curvature.solve(V)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    per_task = base.with_damping(torch.tensor([0.5, 2.0], dtype=DT))
+    torch.testing.assert_close(per_task.logdet()[1], base.with_damping(2.0).logdet()[1])
+    with pytest.raises(ValueError, match="damping"):
+        base.with_damping(0.0)
