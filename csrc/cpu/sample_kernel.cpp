@@ -30,10 +30,21 @@ void scale_layer(const ScaledNormalLayer& layer, const T* damping, int64_t tasks
   using Acc = at::opmath_type<T>;
   const int64_t per_sample = tasks * layer.g * layer.a;
   if (per_sample == 0) return;
+  // Walked as (t, p, q) loops rather than by flat index (scaled_normal_std, the CUDA kernel's
+  // per-thread form): its integer divisions cost more than torch.randn's draws at S = 1.
   std::vector<T> std_table(per_sample);
-  at::parallel_for(0, per_sample, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e)
-      std_table[e] = static_cast<T>(scaled_normal_std<Acc>(layer, damping, tasks, e, static_cast<Acc>(scale)));
+  const T* mu = static_cast<const T*>(layer.evals_G);
+  const T* lambda = static_cast<const T*>(layer.evals_A);
+  at::parallel_for(0, tasks, std::max<int64_t>(1, 16384 / (layer.g * layer.a)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t p = 0; p < layer.g; ++p) {
+        T* row = std_table.data() + (t * layer.g + p) * layer.a;
+        const Acc mu_tp = static_cast<Acc>(mu[t * layer.g + p]);
+        for (int64_t q = 0; q < layer.a; ++q)
+          row[q] = static_cast<T>(kron_posterior_std<Acc>(mu_tp, static_cast<Acc>(lambda[t * layer.a + q]),
+                                                          static_cast<Acc>(scale), static_cast<Acc>(damping[t])));
+      }
+    }
   });
   T* out = static_cast<T*>(layer.out);
   const T* sd = std_table.data();
