@@ -9,6 +9,7 @@ their point estimate in samples.
 """
 
 import copy
+import math
 
 import torch
 from torch.func import functional_call
@@ -34,7 +35,8 @@ class TaskPosterior:
             from fewer support rows than its width is a :class:`~llama_fast.LowRankFactor`
             (``.dense()`` materialises it).
         curvature: the :class:`~llama_fast.KronCurvature` (cached eigendecompositions).
-        loss: "cross_entropy" (classification) or "mse" (Gaussian regression, sigma = 1).
+        loss: "cross_entropy" (classification) or "mse" (Gaussian regression; the observation
+            noise sigma is a ``predict`` argument, 1 by default).
     """
 
     def __init__(self, model, spec, loss, params, fixed, A, G, damping, scale, backend):
@@ -101,18 +103,25 @@ class TaskPosterior:
             return torch.func.vmap(one_task)(fast, x)
 
     @torch.no_grad()
-    def predict(self, x, num_samples: int = 0, generator=None):
+    def predict(self, x, num_samples: int = 0, generator=None, noise: float = 1.0):
         """Posterior predictive on inputs ``x [T, M, ...]``.
 
         ``num_samples=0``: the adapted point estimate. Otherwise the average over
         ``num_samples`` posterior samples. BatchNorm normalises with x's batch statistics
         (transductive, as in training).
 
+        ``noise``: the Gaussian observation noise sigma (> 0, finite) of "mse" regression;
+        classification ignores it (its likelihood has no noise parameter). The posterior
+        itself does not depend on it: the curvature is that of the training loss, the MSE,
+        i.e. sigma = 1 (laplace-torch's ``sigma_noise`` fitted on held-out data plays this
+        role).
+
         Returns:
             cross_entropy: class probabilities ``[T, M, C]``.
-            mse: ``(mean, std)`` of the predictive, each ``[T, M, D]``; ``std`` includes the
-            sigma = 1 observation noise (``sqrt(var_s f + 1)``).
+            mse: ``(mean, std)`` of the predictive, each ``[T, M, D]``, moment-matched over the
+            samples; ``std = sqrt(var_s f + noise**2)``.
         """
+        noise = _check_noise(noise)
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.tasks:
             raise ValueError(f"x must be a tensor [T={self.tasks}, M, ...], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -128,7 +137,14 @@ class TaskPosterior:
         if self.loss == "cross_entropy":
             return torch.softmax(f, dim=-1).mean(0)
         mean = f.mean(0)
-        return mean, torch.sqrt(f.var(0, unbiased=False) + 1.0)
+        return mean, torch.sqrt(f.var(0, unbiased=False) + noise ** 2)
+
+
+def _check_noise(noise) -> float:
+    """The observation noise sigma as a float; a one-line ValueError naming ``noise``."""
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0:
+        raise ValueError(f"noise must be a finite number > 0 (the observation noise sigma), got {noise!r}")
+    return float(noise)
 
 
 def _check_inputs(support_x, support_y):

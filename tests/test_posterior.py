@@ -194,6 +194,29 @@ def test_predict_with_samples(rng):
     assert mean.shape == std.shape == (2, 5, 1) and bool((std > 1).all())
 
 
+def test_predict_noise(rng):
+    """std = sqrt(var_s f + noise**2) with the same draws; a bad noise is a ValueError naming it;
+    classification ignores it."""
+    seeded(rng)
+    reg = lf.models.mlp(hidden=(8,)).to(DT)
+    xs = torch.randn(2, 5, 1, generator=rng, dtype=DT)
+    post = lf.adapt(reg, xs, xs.sin(), loss="mse", inner_lr=0.1, damping=0.5)
+    for samples in (0, 6):
+        mean1, std1 = post.predict(xs, num_samples=samples, generator=torch.Generator().manual_seed(3))
+        mean, std = post.predict(xs, num_samples=samples, generator=torch.Generator().manual_seed(3),
+                                 noise=0.1)
+        torch.testing.assert_close(mean, mean1)
+        var_f = std1 ** 2 - 1.0
+        torch.testing.assert_close(std, torch.sqrt(var_f + 0.01))
+    torch.testing.assert_close(post.predict(xs, noise=0.3)[1], torch.full_like(mean, 0.3))
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="noise must be a finite number > 0"):
+            post.predict(xs, noise=bad)
+    model, x, y = conv_setup(rng, "cpu")
+    cls = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
+    torch.testing.assert_close(cls.predict(x, noise=0.01), cls.predict(x))
+
+
 @pytest.mark.parametrize("classes", [2, 3, 5])
 def test_softmax_ggn_roots(classes, rng):
     """C-1 cotangents whose outer products sum to diag(p) - p p^T, also for near one-hot p."""
