@@ -95,6 +95,12 @@ _FLAGS = {
                           f"{' or '.join(DAMPING_OBJECTIVES)}; evidence = the Laplace marginal likelihood of the "
                           "support sets, nll = the predictive NLL of the query sets with the evaluation's "
                           "S-sample predictive (laplace-torch's gridsearch) (default: evidence)"),
+    "noise": ("--noise", _auto_or_float, "SIGMA",
+              "sinusoid: the Gaussian observation noise sigma > 0 of every predictive in the evaluation, "
+              "or 'auto': per evaluation setting (K, inner steps) and per results column, the sigma on a "
+              "log grid (0.01 ... 10, quarter decades) with the lowest mean predictive NLL of the "
+              "meta-validation query sets (laplace-torch fits sigma_noise likewise); training's MSE "
+              "is unaffected; omniglot ignores it (default: auto)"),
     "fisher": ("--fisher", str, "TYPE", f"K-FAC curvature: {', '.join(FISHERS)} (default: exact)"),
     "shots": ("--shots", int, "K", "support examples per class (omniglot) or per task (sinusoid) "
                                    "(default: 1 omniglot, 10 sinusoid)"),
@@ -117,7 +123,7 @@ _FLAGS = {
 
 TRAIN_FIELDS = [f for f in _FLAGS if f != "oneshot_runs"]
 EVAL_FIELDS = ["algorithm", "device", "seed", "inner_lr", "inner_steps", "damping", "damping_objective",
-               "fisher", "shots",
+               "noise", "fisher", "shots",
                "query_shots", "ways", "eval_tasks", "samples", "data", "oneshot_runs"]
 
 

@@ -66,6 +66,7 @@ class ExperimentConfig:
     eta: float = 1e-3
     damping: float | str = "auto"
     damping_objective: str = "evidence"
+    noise: float | str = "auto"
     fisher: str = "exact"
     shots: int | None = None
     query_shots: int | None = None
@@ -248,6 +249,15 @@ def _check_damping(name, value):
     return _check_float(0.0, strict=True)(name, value)
 
 
+def _check_noise(name, value):
+    if value == "auto":
+        return value
+    if isinstance(value, str):
+        raise ConfigError(f"{name}: must be a positive number (the observation noise sigma) or 'auto', "
+                          f"got {value!r}")
+    return _check_float(0.0, strict=True)(name, value)
+
+
 def _check_path(name, value):
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ConfigError(f"{name}: must be a path, got {value!r}")
@@ -268,6 +278,7 @@ FIELD_CHECKS = {
     "eta": _check_float(0.0, strict=False),
     "damping": _check_damping,
     "damping_objective": lambda n, v: _check_choice(n, v, DAMPING_OBJECTIVES),
+    "noise": _check_noise,
     "fisher": lambda n, v: _check_choice(n, v, FISHERS),
     "shots": _check_int(1),
     "query_shots": _check_int(1),

@@ -46,6 +46,9 @@ METRICS_JSON = "metrics.json"
 # 1e-4 .. 1e4 in half decades (laplace-torch's gridsearch interval). With a 1-shot support set
 # almost every direction of H is delta alone, so a useful sampled predictive can need delta >= 1e3.
 DAMPING_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 9))
+# The observation noise sigma of the regression predictives under noise = "auto": 1e-2 .. 1e1 in
+# quarter decades, chosen per evaluation setting and results column on meta-validation tasks.
+NOISE_GRID = tuple(10.0 ** (k / 4) for k in range(-8, 5))
 INITIAL_DAMPING = 1.0        # delta of LLAMA's training log-det term under damping = "auto"
 SINUSOID_EVAL_SHOTS = (5, 10)
 EVAL_STEPS = (1, 10)
@@ -531,15 +534,25 @@ def _posteriors(trainer, learner, batch, steps):
 POINT = "llama_point"   # results column: LLAMA's adapted mean phi_i alone (no posterior samples)
 
 
-def _predict(trainer, learner, post, x, generator) -> dict:
+def _columns(learner) -> tuple:
+    """The results columns of a learner (see ``_predict``)."""
+    return (learner.name, POINT) if learner.name == "llama" else (learner.name,)
+
+
+def _predict(trainer, learner, post, x, generator, noise=None) -> dict:
     """Predictions by results column. MAML: its adapted point estimate. LLAMA: the posterior
     predictive with S samples, and (as "llama_point") the point estimate phi_i of the same
     posterior, so that the samples' effect is visible; the point estimate draws nothing, so
-    the sampled predictive is the same with or without it."""
+    the sampled predictive is the same with or without it. ``noise``: the regression
+    predictives' observation noise sigma by column (1 where absent; classification: none)."""
+    def sigma(column):   # classification's predict takes no noise
+        return {} if noise is None else {"noise": noise.get(column, 1.0)}
+
     if learner.name == "llama":
-        return {learner.name: post.predict(x, num_samples=trainer.config.samples, generator=generator),
-                POINT: post.predict(x)}
-    return {learner.name: post.predict(x)}
+        return {learner.name: post.predict(x, num_samples=trainer.config.samples, generator=generator,
+                                           **sigma(learner.name)),
+                POINT: post.predict(x, **sigma(POINT))}
+    return {learner.name: post.predict(x, **sigma(learner.name))}
 
 
 def _chunks(batch: lf.TaskBatch, size: int):
@@ -548,27 +561,92 @@ def _chunks(batch: lf.TaskBatch, size: int):
                                                       batch.query_x, batch.query_y)))
 
 
+def _gaussian_nll(mean, std, y) -> torch.Tensor:
+    """Mean Gaussian NLL per task, ``[T]`` (float64)."""
+    z = (y - mean) / std
+    return (0.5 * z ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1).double()
+
+
+def fit_noise(predict, y, grid=NOISE_GRID) -> tuple[float, list]:
+    """The observation noise sigma on ``grid`` with the lowest mean Gaussian predictive NLL of
+    ``y [T, M, D]``; ``predict(sigma)`` returns the predictive ``(mean, std)`` with noise sigma
+    (each call must see the same posterior draws). Tasks whose NLL is not finite at some sigma
+    are left out. Returns sigma and ``[(sigma, mean NLL)]`` over the grid."""
+    values = torch.stack([_gaussian_nll(*predict(sigma), y) for sigma in grid])    # [len(grid), T]
+    finite = torch.isfinite(values).all(0)
+    if not bool(finite.any()):
+        raise FloatingPointError("noise auto: the validation NLL is not finite for any task "
+                                 "(did meta-training diverge?)")
+    curve = values[:, finite].mean(1)
+    return grid[int(curve.argmin())], [(sigma, float(v)) for sigma, v in zip(grid, curve)]
+
+
+def select_noise(trainer, shots, steps) -> dict:
+    """noise = "auto": per results column, ``fit_noise`` on the meta-validation tasks (those of
+    ``select_damping``: ``tasks.fixed("val", ...)``, seeded with VAL_RANK, here with ``shots``
+    support points) adapted with ``steps`` inner steps, the evaluation's predictive (S samples
+    for LLAMA, the same draws for every sigma). Returns ``{column: (sigma, curve)}``."""
+    c = trainer.config
+    sampler = trainer.tasks.fixed("val", shots, c.query_shots, VAL_TASKS[c.task], VAL_RANK)
+    batch = _batch(sampler.sample())
+    seed = data.derive_seed(c.seed, VAL_RANK)
+    chosen = {}
+    for learner in trainer.learners:
+        post = _posteriors(trainer, learner, batch, steps)
+        for column in _columns(learner):
+            def predict(sigma, column=column):
+                generator = torch.Generator().manual_seed(seed)
+                return _predict(trainer, learner, post, batch.query_x, generator,
+                                {name: sigma for name in _columns(learner)})[column]
+            chosen[column] = fit_noise(predict, batch.query_y)
+    return chosen
+
+
+def noise_message(setting, chosen) -> str:
+    """One line per evaluation setting: each column's sigma and its validation NLL."""
+    parts = []
+    for column, (sigma, curve) in chosen.items():
+        edge = " (grid edge)" if sigma in (NOISE_GRID[0], NOISE_GRID[-1]) else ""
+        parts.append(f"{column.upper().replace('_', ' ')} {sigma:.3g}{edge} (NLL {dict(curve)[sigma]:.4g})")
+    return (f"noise auto, {setting}: sigma minimising the mean predictive NLL of the meta-validation "
+            "query sets: " + ", ".join(parts))
+
+
 def evaluate_regression(trainer) -> dict:
-    """Per algorithm, per K and inner steps: MSE, Gaussian NLL, interval coverage (95% CIs)."""
+    """Per algorithm, per K and inner steps: MSE, Gaussian NLL, interval coverage (95% CIs).
+    The observation noise sigma of the predictives is ``config.noise``, or under "auto" fitted
+    per setting and column on the meta-validation tasks (``select_noise``); the choices are
+    kept in ``trainer.eval_noise`` / ``trainer.noise_curve`` for metrics.json."""
     c = trainer.config
     results = {}
+    trainer.eval_noise, trainer.noise_curve = {}, {}
     for shots in SINUSOID_EVAL_SHOTS:
         sampler = trainer.tasks.fixed("test", shots, SINUSOID_EVAL_QUERY, c.eval_tasks, TEST_RANK + shots)
         batch = _batch(sampler.sample())
         for steps in EVAL_STEPS:
+            setting = f"K{shots}_steps{steps}"
+            if c.noise == "auto":
+                chosen = select_noise(trainer, shots, steps)
+                print(noise_message(setting, chosen))
+            else:
+                chosen = {n: (float(c.noise), []) for learner in trainer.learners for n in _columns(learner)}
+            for column, (sigma, curve) in chosen.items():
+                trainer.eval_noise.setdefault(column, {})[setting] = sigma
+                if curve:
+                    trainer.noise_curve.setdefault(column, {})[setting] = [list(x) for x in curve]
+            noise = {column: sigma for column, (sigma, _) in chosen.items()}
             for learner in trainer.learners:
                 generator = torch.Generator().manual_seed(data.derive_seed(c.seed, SAMPLE_RANK))
                 post = _posteriors(trainer, learner, batch, steps)
-                for name, (mean, std) in _predict(trainer, learner, post, batch.query_x, generator).items():
-                    results.setdefault(name, {})[f"K{shots}_steps{steps}"] = _regression_metrics(
-                        mean, std, batch.query_y)
+                for name, (mean, std) in _predict(trainer, learner, post, batch.query_x, generator,
+                                                  noise).items():
+                    results.setdefault(name, {})[setting] = _regression_metrics(mean, std, batch.query_y)
     return results
 
 
 def _regression_metrics(mean, std, y) -> dict:
     per_task_mse = ((mean - y) ** 2).flatten(1).mean(1)
-    z = (y - mean) / std
-    per_task_nll = (0.5 * z ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+    per_task_nll = _gaussian_nll(mean, std, y)
     entry = {"mse": _ci(per_task_mse), "nll": _ci(per_task_nll)}
     for level, cov in metrics.gaussian_interval_coverage(y, mean, std).items():
         entry[f"coverage_{round(level * 100)}"] = cov
@@ -655,6 +733,10 @@ def summary(trainer, results, wall_s) -> dict:
             # The objective over the grid behind an auto choice (empty for a fixed delta).
             "damping_curve": [list(x) for x in getattr(trainer, "damping_curve", None) or []],
             "damping_history": [list(x) for x in trainer.damping_history],
+            # sinusoid: the observation noise sigma per results column and setting ({} for
+            # omniglot), and under noise = "auto" the validation NLL over NOISE_GRID behind it.
+            "noise_mode": str(c.noise), "noise": getattr(trainer, "eval_noise", None) or {},
+            "noise_curve": getattr(trainer, "noise_curve", None) or {},
             "wall_seconds": round(wall_s, 1), "results": results}
 
 
@@ -671,6 +753,9 @@ def _damping_note(trainer) -> str:
     c = trainer.config
     mode = f"auto, {c.damping_objective}" if c.damping == "auto" else "fixed"
     note = f"LLAMA damping delta = {trainer.eval_damping:g} ({mode}), S = {c.samples}"
+    if c.task == "sinusoid":
+        note += (", observation noise sigma fitted per setting and column on the meta-validation tasks"
+                 if c.noise == "auto" else f", observation noise sigma = {float(c.noise):g}")
     if trainer.learner("llama") is not None:
         note += "\n(LLAMA: the posterior predictive of S samples; LLAMA POINT: the same posterior's mean phi_i)"
     return note

@@ -35,13 +35,14 @@ def test_train_hands_the_config_over_and_writes_it(tmp_path, runner):
     out = tmp_path / "run"
     argv = ["train", "sinusoid", "--output", str(out), "--seed", "3", "--algorithm", "llama",
             "--meta-batch", "4", "--inner-lr", "0.02", "--inner-steps", "2", "--eta", "0.1",
-            "--damping", "0.5", "--fisher", "mc", "--device", "cpu", "--first-order"]
+            "--damping", "0.5", "--noise", "0.2", "--fisher", "mc", "--device", "cpu", "--first-order"]
     assert cli.main(argv) == 0
     (kind, config), = runner
     assert kind == "run"
     assert (config.seed, config.algorithm, config.meta_batch, config.inner_lr) == (3, ("llama",), 4, 0.02)
     assert (config.inner_steps, config.eta, config.damping, config.fisher) == (2, 0.1, 0.5, "mc")
     assert config.first_order and config.device == "cpu" and config.iterations == 70000
+    assert config.noise == 0.2
     assert ExperimentConfig.from_sources(out / "config.toml") == config
 
 
@@ -65,6 +66,7 @@ TRAIN_BAD = {  # flag: (the arguments after "train", the expected error)
     "--eta": (["sinusoid", "--eta", "-1"], "must be >= 0"),
     "--damping": (["sinusoid", "--damping", "none"], "expected a number or 'auto'"),
     "--damping-objective": (["sinusoid", "--damping-objective", "mse"], "must be one of evidence, nll"),
+    "--noise": (["sinusoid", "--noise", "fitted"], "expected a number or 'auto'"),
     "--fisher": (["sinusoid", "--fisher", "diag"], "must be one of exact, mc, empirical"),
     "--shots": (["sinusoid", "--shots", "0"], "must be >= 1"),
     "--query-shots": (["sinusoid", "--query-shots", "0"], "must be >= 1"),
@@ -166,6 +168,7 @@ EVAL_BAD = {
     "--inner-steps": ("0", "must be >= 1"),
     "--damping": ("-1", "must be > 0"),
     "--damping-objective": ("marglik", "must be one of evidence, nll"),
+    "--noise": ("0", "must be > 0"),
     "--fisher": ("kfac", "must be one of exact, mc, empirical"),
     "--shots": ("0", "must be >= 1"),
     "--query-shots": ("-2", "must be >= 1"),

@@ -15,6 +15,7 @@ def test_sinusoid_defaults_are_finn_et_al():
     assert (config.iterations, config.meta_batch, config.inner_lr, config.inner_steps) == (70000, 25, 0.01, 1)
     assert (config.shots, config.query_shots, config.ways) == (10, 10, None)
     assert config.algorithm == ("maml", "llama") and config.damping == "auto" and config.eval_tasks == 600
+    assert config.noise == "auto"
     assert config.output == "runs/sinusoid-seed0"
 
 
@@ -34,10 +35,10 @@ def test_omniglot_defaults_and_data_from_env(tmp_path, monkeypatch):
 
 def test_toml_precedence_and_round_trip(tmp_path):
     (tmp_path / "base.toml").write_text('task = "sinusoid"\nseed = 3\neta = 0.5\nalgorithm = "llama"\n'
-                                        'damping = 0.01\n')
+                                        'damping = 0.01\nnoise = 0.05\n')
     config = ExperimentConfig.from_sources(tmp_path / "base.toml", {"seed": 4, "inner_steps": 5, "eta": None})
     assert (config.seed, config.eta, config.inner_steps, config.damping) == (4, 0.5, 5, 0.01)
-    assert config.algorithm == ("llama",)
+    assert config.algorithm == ("llama",) and config.noise == 0.05
     path = config.save(tmp_path / "run" / "config.toml")
     assert ExperimentConfig.from_sources(path) == config
     assert "ways" not in path.read_text()  # None values are left out (TOML has no null)
@@ -76,6 +77,10 @@ BAD_VALUES = [
     ("damping", 0, "> 0"),
     ("damping", "manual", "positive number or 'auto'"),
     ("damping", float("inf"), "finite"),
+    ("noise", 0, "> 0"),
+    ("noise", -0.1, "> 0"),
+    ("noise", "fitted", "positive number .*or 'auto'"),
+    ("noise", float("nan"), "finite"),
     ("fisher", "diag", "exact, mc, empirical"),
     ("shots", 0, ">= 1"),
     ("query_shots", 0, ">= 1"),

@@ -5,6 +5,7 @@ error paths are the ones users get.
 """
 
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -53,8 +54,16 @@ def test_tiny_run_writes_every_output(tmp_path, capsys):
         for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
             entry = summary["results"][name][setting]
             assert {"mse", "nll", "coverage_50", "coverage_90", "coverage_95"} <= set(entry)
+    assert summary["noise_mode"] == "auto"
+    for name in ("maml", "llama", "llama_point"):
+        for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
+            sigma = summary["noise"][name][setting]
+            curve = summary["noise_curve"][name][setting]
+            assert sigma in experiment.NOISE_GRID and [s for s, _ in curve] == list(experiment.NOISE_GRID)
+            assert sigma == min(curve, key=lambda row: row[1])[0]   # the validation NLL's minimiser
     printed = capsys.readouterr().out
     assert "MAML" in printed and "LLAMA" in printed and "coverage_90" in printed
+    assert "noise auto, K10_steps10:" in printed
     assert "LLAMA POINT" in printed and "damping auto (evidence)" in printed
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("iteration,algorithm") and len(rows) > 12
@@ -227,3 +236,35 @@ def test_predictive_nll_is_the_evaluation_predictive_per_delta(loss):
         else:
             expected = -pred.gather(-1, y.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12).log().mean(1)
         torch.testing.assert_close(row, expected.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_fit_noise_picks_the_grid_sigma_with_the_lowest_validation_nll():
+    """A predictive with mean 0 and no model variance on targets of RMS 0.1: the Gaussian NLL
+    is minimised at sigma = RMS, a grid point; the curve is the manual mean NLL."""
+    y = torch.tensor([[0.1, -0.1], [0.1, -0.1], [-0.1, 0.1]]).unsqueeze(-1)   # [T=3, M=2, 1]
+    def predict(sigma):
+        return torch.zeros_like(y), torch.full_like(y, sigma)
+    sigma, curve = experiment.fit_noise(predict, y)
+    assert sigma == pytest.approx(0.1) and sigma in experiment.NOISE_GRID
+    assert [s for s, _ in curve] == list(experiment.NOISE_GRID)
+    for s, value in curve:
+        assert value == pytest.approx(0.5 * 0.01 / s ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi), rel=1e-5)
+    # With model variance v the predictive std is sqrt(v + sigma^2): the best grid sigma is the
+    # one bringing it nearest the targets' RMS on the log-likelihood.
+    grid = (0.05, 0.1, 0.3, 1.0)
+    def predict_var(sigma):
+        return torch.zeros_like(y), torch.sqrt(torch.full_like(y, 0.3 ** 2 - 0.1 ** 2) + sigma ** 2)
+    y3 = 3 * y
+    sigma, curve = experiment.fit_noise(predict_var, y3, grid=grid)
+    assert sigma == 0.1 and min(curve, key=lambda row: row[1])[0] == 0.1
+    with pytest.raises(FloatingPointError, match="noise auto"):
+        experiment.fit_noise(lambda s: (torch.full_like(y, float("nan")), torch.ones_like(y)), y)
+
+
+def test_fixed_noise_is_used_and_stored(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--noise", "0.5", "--algorithm", "maml") == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["noise_mode"] == "0.5" and summary["noise_curve"] == {}
+    assert summary["noise"] == {"maml": {s: 0.5 for s in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10")}}
+    assert "noise auto" not in capsys.readouterr().out
