@@ -159,8 +159,9 @@ def _add_eval_parser(sub) -> None:
     evaluate = sub.add_parser(
         "eval", help="evaluate a trained run on meta-test tasks (and Lake's one-shot runs)",
         description="Evaluate the checkpoint of a training run on meta-test tasks: accuracy/MSE, NLL, "
-                    "calibration and coverage with 95% intervals. The run's config.toml is the base; "
-                    "flags override it.")
+                    "calibration and coverage with 95% intervals (sinusoid: with the observation noise "
+                    "sigma fitted on the meta-validation tasks, or --noise SIGMA). The run's config.toml "
+                    "is the base; flags override it.")
     evaluate.add_argument("run_dir", metavar="RUN", help=f"a training run folder (holding {CONFIG_FILE} "
                                                          f"and {CHECKPOINT_FILE})")
     evaluate.add_argument("--config", metavar="FILE", default=None,
