@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import llama_fast as lf
 from llama_fast import cli, experiment
 from llama_fast.checkpoint import load_checkpoint
 
@@ -171,19 +172,25 @@ def test_omniglot_tiny_run_and_oneshot_eval(tmp_path, capsys):
     assert "oneshot_runs" in capsys.readouterr().out
 
 
+def _tiny_posterior(loss, support):
+    """A 2-8-out float64 MLP adapted to 3 random tasks of `support` points (with 3 points its
+    head's 9-wide A is low-rank)."""
+    torch.manual_seed(0)
+    out = 1 if loss == "mse" else 4
+    model = lf.models.mlp(2, [8], out).double()
+    x = torch.randn(3, support, 2, dtype=torch.float64)
+    y = (torch.randn(3, support, 1, dtype=torch.float64) if loss == "mse"
+         else torch.randint(0, out, (3, support)))
+    return model, x, y, lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=1.0)
+
+
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_laplace_evidence_matches_the_dense_log_det(loss):
     """The evidence reuses the posterior's cached eigenvalues (incl. a low-rank head: 3 rows
     for a 9-wide A); its log-det term must equal the reference's at every delta."""
-    import llama_fast as lf
     from llama_fast import reference
 
-    torch.manual_seed(0)
-    out = 1 if loss == "mse" else 4
-    model = lf.models.mlp(2, [8], out).double()
-    x = torch.randn(3, 3, 2, dtype=torch.float64)
-    y = torch.randn(3, 3, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, out, (3, 3))
-    post = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=1.0)
+    model, x, y, post = _tiny_posterior(loss, support=3)
     nll = torch.rand(3, dtype=torch.float64)
     grid = (1e-3, 0.1, 10.0)
     evidence = experiment.laplace_evidence(post, model, nll, grid=grid)
@@ -216,14 +223,7 @@ def test_predictive_nll_is_the_evaluation_predictive_per_delta(loss):
     predicting with the same seed (S samples), scored as the evaluation scores it."""
     import math
 
-    import llama_fast as lf
-
-    torch.manual_seed(0)
-    out = 1 if loss == "mse" else 4
-    model = lf.models.mlp(2, [8], out).double()
-    x = torch.randn(3, 5, 2, dtype=torch.float64)
-    y = torch.randn(3, 5, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, out, (3, 5))
-    post = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=1.0)
+    model, x, y, post = _tiny_posterior(loss, support=5)
     grid = (0.01, 1.0, 100.0)
     values = experiment.predictive_nll(post, x, y, loss, samples=4, seed=11, grid=grid)
     assert values.shape == (3, 3)
