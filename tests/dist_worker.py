@@ -8,10 +8,12 @@ process group, for each of the comma-separated ALGORITHMS in turn (one launch fo
 start-up dominates); rank r saves its final parameters and step metrics per algorithm to
 OUT_DIR/rank{r}.pt. With
 FAIL_RANK, that rank raises after FAIL_AFTER steps (the failure-handling tests), or with
-LF_TEST_FAIL_MODE=hang sleeps there without joining the collective.
+LF_TEST_FAIL_MODE=hang sleeps there without joining the collective, or with
+LF_TEST_FAIL_MODE=kill is killed there (SIGKILL: no exception, no error file).
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -61,6 +63,9 @@ def train(algorithm, steps, tasks, rank=0, world_size=1, group=None, fail_rank=-
             if os.environ.get("LF_TEST_FAIL_MODE") == "hang":   # alive but never joins the step
                 print(f"rank {rank} hangs at step {step}", flush=True)
                 time.sleep(600)
+            if os.environ.get("LF_TEST_FAIL_MODE") == "kill":   # dies with no Python error at all
+                print(f"rank {rank} kills itself at step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure on rank {rank} at step {step}")
         batch = distributed.shard_batch(sinusoid_tasks(step, tasks), rank, world_size)
         out = lf.meta_step(model, batch, opt, process_group=group, **SETTINGS[algorithm])

@@ -40,10 +40,10 @@ def worker_env(**extra):
     return env
 
 
-def torchrun(*args, nproc=2):
+def torchrun(*args, nproc=2, **env):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=worker_env(),
+    return subprocess.run(command, capture_output=True, text=True, env=worker_env(**env),
                           timeout=LAUNCH_TIMEOUT, cwd=ROOT)
 
 
@@ -85,6 +85,22 @@ def test_failing_rank_ends_job_naming_it(tmp_path):
     root_cause = output.partition("Root Cause (first observed failure)")[2]
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause), output[-3000:]
     assert "injected failure on rank 1 at step 1" in root_cause, output[-3000:]
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
+    assert not (tmp_path / "rank0.pt").exists()
+
+
+def test_killed_rank_ends_job_naming_it(tmp_path):
+    """A rank killed mid-training (SIGKILL at its step 1: no exception, no error file): torchrun's
+    agent sees the dead worker, stops the survivor (blocked in the step's all-reduce) and names
+    the rank and the signal."""
+    start = time.monotonic()
+    proc = torchrun(tmp_path, "maml", 4, 4, 1, 1, LF_TEST_FAIL_MODE="kill")
+    elapsed = time.monotonic() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    root_cause = output.partition("Root Cause (first observed failure)")[2]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause), output[-3000:]
+    assert "SIGKILL" in root_cause, output[-3000:]
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
     assert not (tmp_path / "rank0.pt").exists()
 
