@@ -18,7 +18,13 @@ namespace llama_fast {
 template <typename T>
 LF_HOST_DEVICE T kron_posterior_std(T mu, T lambda, T scale, T damping) {
   const T h = scale * clamp_eigenvalue(mu) * clamp_eigenvalue(lambda) + damping;
+#if defined(__CUDA_ARCH__)
   return T(1) / sqrt(h);
+#else
+  // std::sqrt keeps float in float on the host (the global C sqrt takes a double: measured as
+  // most of the CPU op's time at S = 1, in conversions and double-precision sqrt/divide).
+  return T(1) / std::sqrt(h);
+#endif
 }
 
 // One layer of the output, [S, T, g, a] contiguous, addressed by its flat index.
