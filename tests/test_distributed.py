@@ -74,35 +74,35 @@ def test_two_ranks_match_single_process(two_rank_run, algorithm):
                 assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
 
 
-def test_failing_rank_ends_job_naming_it(tmp_path):
+def failed_run_root_cause(tmp_path, **env) -> tuple[str, str]:
+    """Launches 2 ranks whose rank 1 fails before its step 1 (how: `env`); checks the job ends
+    non-zero within 60 s, names rank 1 as torchrun's root cause and saved nothing. Returns
+    (root cause section, whole output)."""
     start = time.monotonic()
-    proc = torchrun(tmp_path, "maml", 4, 4, 1, 1)   # rank 1 raises before its step 1
+    proc = torchrun(tmp_path, "maml", 4, 4, 1, 1, **env)
     elapsed = time.monotonic() - start
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    # torchrun's summary names the first failure: its rank and (from @record's error file)
-    # its traceback.
     root_cause = output.partition("Root Cause (first observed failure)")[2]
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause), output[-3000:]
-    assert "injected failure on rank 1 at step 1" in root_cause, output[-3000:]
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
     assert not (tmp_path / "rank0.pt").exists()
+    return root_cause, output
+
+
+def test_failing_rank_ends_job_naming_it(tmp_path):
+    # torchrun's summary names the first failure: its rank and (from @record's error file)
+    # its traceback.
+    root_cause, output = failed_run_root_cause(tmp_path)   # rank 1 raises
+    assert "injected failure on rank 1 at step 1" in root_cause, output[-3000:]
 
 
 def test_killed_rank_ends_job_naming_it(tmp_path):
     """A rank killed mid-training (SIGKILL at its step 1: no exception, no error file): torchrun's
     agent sees the dead worker, stops the survivor (blocked in the step's all-reduce) and names
     the rank and the signal."""
-    start = time.monotonic()
-    proc = torchrun(tmp_path, "maml", 4, 4, 1, 1, LF_TEST_FAIL_MODE="kill")
-    elapsed = time.monotonic() - start
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    root_cause = output.partition("Root Cause (first observed failure)")[2]
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause), output[-3000:]
+    root_cause, output = failed_run_root_cause(tmp_path, LF_TEST_FAIL_MODE="kill")
     assert "SIGKILL" in root_cause, output[-3000:]
-    assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
-    assert not (tmp_path / "rank0.pt").exists()
 
 
 def test_stalled_rank_times_out_without_torchrun(tmp_path):
