@@ -187,13 +187,7 @@ def predictive_nll(post, x, y, loss, samples, seed, grid=DAMPING_GRID) -> torch.
     for delta in grid:
         generator = torch.Generator(device=x.device).manual_seed(seed)
         out = post.with_damping(delta).predict(x, num_samples=samples, generator=generator)
-        if loss == "mse":
-            mean, std = out
-            z = (y - mean) / std
-            rows.append((0.5 * z ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1).double())
-        else:
-            picked = out.gather(-1, y.unsqueeze(-1)).squeeze(-1).double().clamp_min(1e-12)
-            rows.append(-picked.log().flatten(1).mean(1))
+        rows.append(_gaussian_nll(*out, y) if loss == "mse" else _categorical_nll(out, y))
     return torch.stack(rows)
 
 
@@ -545,14 +539,18 @@ def _predict(trainer, learner, post, x, generator, noise=None) -> dict:
     posterior, so that the samples' effect is visible; the point estimate draws nothing, so
     the sampled predictive is the same with or without it. ``noise``: the regression
     predictives' observation noise sigma by column (1 where absent; classification: none)."""
-    def sigma(column):   # classification's predict takes no noise
-        return {} if noise is None else {"noise": noise.get(column, 1.0)}
+    return {column: _predict_column(trainer, post, x, column, generator,
+                                    None if noise is None else noise.get(column, 1.0))
+            for column in _columns(learner)}
 
-    if learner.name == "llama":
-        return {learner.name: post.predict(x, num_samples=trainer.config.samples, generator=generator,
-                                           **sigma(learner.name)),
-                POINT: post.predict(x, **sigma(POINT))}
-    return {learner.name: post.predict(x, **sigma(learner.name))}
+
+def _predict_column(trainer, post, x, column, generator, sigma=None):
+    """One results column's predictions (``_predict``); ``sigma`` None: no noise argument
+    (classification's predict takes none)."""
+    noise = {} if sigma is None else {"noise": sigma}
+    if column == "llama":
+        return post.predict(x, num_samples=trainer.config.samples, generator=generator, **noise)
+    return post.predict(x, **noise)
 
 
 def _chunks(batch: lf.TaskBatch, size: int):
@@ -594,10 +592,9 @@ def select_noise(trainer, shots, steps) -> dict:
     for learner in trainer.learners:
         post = _posteriors(trainer, learner, batch, steps)
         for column in _columns(learner):
-            def predict(sigma, column=column):
+            def predict(sigma, column=column):   # this column only, the same draws every time
                 generator = torch.Generator().manual_seed(seed)
-                return _predict(trainer, learner, post, batch.query_x, generator,
-                                {name: sigma for name in _columns(learner)})[column]
+                return _predict_column(trainer, post, batch.query_x, column, generator, sigma)
             chosen[column] = fit_noise(predict, batch.query_y)
     return chosen
 
@@ -653,10 +650,15 @@ def _regression_metrics(mean, std, y) -> dict:
     return entry
 
 
+def _categorical_nll(probs, labels) -> torch.Tensor:
+    """Mean -log p(label) per task, ``[T]`` (float64; probabilities floored at 1e-12)."""
+    picked = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double().clamp_min(1e-12)
+    return -picked.log().flatten(1).mean(1)
+
+
 def _classification_metrics(probs, labels) -> dict:
     per_task_acc = (probs.argmax(-1) == labels).double().mean(1)
-    picked = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1).double().clamp_min(1e-12)
-    per_task_nll = -picked.log().mean(1)
+    per_task_nll = _categorical_nll(probs, labels)
     onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).double()
     per_task_brier = ((probs.double() - onehot) ** 2).sum(-1).mean(1)
     return {"accuracy": _ci(per_task_acc), "nll": _ci(per_task_nll), "brier": _ci(per_task_brier),
