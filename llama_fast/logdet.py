@@ -48,6 +48,8 @@ def _setup_context(ctx, inputs, output):
     ctx.layers = len(evals_A)
     ctx.scale = scale
     ctx.save_for_backward(damping, *evals_A, *evecs_A, *evals_G, *evecs_G)
+    # No zero tensors for the eigendecompositions' (unused) output gradients.
+    ctx.set_materialize_grads(False)
 
 
 def _rotate_back(evecs, weights):
@@ -59,6 +61,8 @@ def _backward(ctx, d_logdet, *unused_eig_grads):
     if torch.is_grad_enabled():
         raise RuntimeError("kron_logdet: double backward (create_graph=True through the "
                            "log-determinant) is not supported")
+    if d_logdet is None:   # only the (non-differentiable) eigendecompositions were used
+        return [None] * ctx.layers, [None] * ctx.layers, None, None
     damping, *saved = ctx.saved_tensors
     L = ctx.layers
     evals_A, evecs_A, evals_G, evecs_G = (saved[i * L:(i + 1) * L] for i in range(4))

@@ -1,9 +1,11 @@
 // CPU kernel of sym_eig: batched symmetric eigendecomposition. Two paths:
 //  - "jacobi": the parallel-order Jacobi solver shared with the CUDA kernel (eig_common.h),
 //    its rounds run serially, parallel over matrices with at::parallel_for;
-//  - "lapack": LAPACK's syevd through ATen's linalg_eigh: one batched call for small
-//    matrices, one call per matrix in parallel over the batch from 200 wide (measured on 2
-//    cores: 1.2x at 12 x [577x577]; slower than the batched call at 64 wide).
+//  - "lapack": LAPACK's syevd, called directly on each matrix (the ssyevd_/dsyevd_ that torch
+//    itself links), in place in the eigenvector buffer, in parallel over the batch with one
+//    workspace per thread. torch.linalg.eigh runs the same syevd one matrix after another
+//    (its own copies, info tensor and workspace per call); over matrices the 2 cores scale.
+//    Where the symbols are absent, ATen's linalg_eigh serves.
 // "auto" takes Jacobi up to d = 8, where LAPACK's fixed costs per call and per matrix dominate
 // (32 x [2x2]: 21 us vs 47 us for torch.linalg.eigh; 4 x [10x10]: Jacobi 96 us vs 61 us), and
 // LAPACK above. The Jacobi path keeps the GPU's arithmetic under test on the CPU at every size.
@@ -17,11 +19,22 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../eig.h"
 #include "../eig_common.h"
 #include "path_choice.h"
+
+// LAPACK's divide-and-conquer symmetric eigensolver, as torch declares it (LP64). Weak: bound
+// at load time from libtorch_cpu where torch exports it, null where it does not.
+extern "C" {
+void ssyevd_(char* jobz, char* uplo, int* n, float* a, int* lda, float* w, float* work,
+             int* lwork, int* iwork, int* liwork, int* info) __attribute__((weak));
+void dsyevd_(char* jobz, char* uplo, int* n, double* a, int* lda, double* w, double* work,
+             int* lwork, int* iwork, int* liwork, int* info) __attribute__((weak));
+}
 
 namespace llama_fast {
 namespace {
@@ -90,15 +103,74 @@ void jacobi_one(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
   });
 }
 
-// From this width on, a batch is decomposed matrix by matrix in parallel (one LAPACK call per
-// thread) rather than by one batched call whose syevd threads each matrix: the tridiagonal
-// reduction is memory-bound BLAS-2 and scales poorly over threads, whole matrices do.
-constexpr int64_t kMatrixParallelMinDim = 200;
+// syevd on one column-major n x n matrix `a` (overwritten by its eigenvectors); lwork = -1
+// asks for the workspace sizes instead.
+inline void syevd(int n, float* a, float* w, float* work, int lwork, int* iwork, int liwork,
+                  int* info) {
+  char jobz = 'V', uplo = 'U';
+  ssyevd_(&jobz, &uplo, &n, a, &n, w, work, &lwork, iwork, &liwork, info);
+}
+inline void syevd(int n, double* a, double* w, double* work, int lwork, int* iwork, int liwork,
+                  int* info) {
+  char jobz = 'V', uplo = 'U';
+  dsyevd_(&jobz, &uplo, &n, a, &n, w, work, &lwork, iwork, &liwork, info);
+}
 
-// LAPACK matrix by matrix, parallel over matrices; NaN where it gives up.
-void lapack_eig_each(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs) {
-  at::parallel_for(0, flat.size(0), 1, [&](int64_t begin, int64_t end) {
+template <typename T>
+bool have_syevd() {
+  if constexpr (std::is_same_v<T, float>) return ssyevd_ != nullptr;
+  return dsyevd_ != nullptr;
+}
+
+// syevd's workspace sizes for n x n (its own query).
+template <typename T>
+std::pair<int, int> syevd_workspace(int n) {
+  T work_size = 0, w = 0, a = 0;
+  int iwork_size = 0, info = 0;
+  syevd(n, &a, &w, &work_size, -1, &iwork_size, -1, &info);
+  return {std::max<int>(1, static_cast<int>(work_size)), std::max(1, iwork_size)};
+}
+
+// syevd work per matrix, roughly (reduction, divide and conquer, back-transformation).
+int64_t syevd_flops(int64_t d) { return 10 * d * d * d + 1; }
+
+// Chunks below this many flops run inline: waking the thread pool costs more.
+constexpr int64_t kMinParallelFlops = int64_t(1) << 16;
+
+// Every matrix of the batch by syevd, in parallel over matrices. Symmetric input reads the
+// same row- or column-major, so each matrix is copied straight into its (column-major)
+// eigenvector slot and decomposed there; uplo 'U' of that buffer is M's lower triangle, the
+// triangle torch.linalg.eigh reads. A failed matrix gets NaN eigenvalues (the caller retries
+// it with Jacobi).
+template <typename T>
+void syevd_batch(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs) {
+  const int64_t d = flat.size(-1);
+  const auto [lwork, liwork] = syevd_workspace<T>(static_cast<int>(d));
+  const T* M = flat.data_ptr<T>();
+  T* w = evals.data_ptr<T>();
+  T* Q = evecs.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, kMinParallelFlops / syevd_flops(d));
+  at::parallel_for(0, flat.size(0), grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> work(lwork);
+    std::vector<int> iwork(liwork);
     for (int64_t b = begin; b < end; ++b) {
+      std::copy(M + b * d * d, M + (b + 1) * d * d, Q + b * d * d);
+      int info = 0;
+      syevd(static_cast<int>(d), Q + b * d * d, w + b * d, work.data(), lwork, iwork.data(),
+               liwork, &info);
+      if (info != 0) std::fill(w + b * d, w + (b + 1) * d, std::numeric_limits<T>::quiet_NaN());
+    }
+  });
+}
+
+// ATen's batched linalg_eigh (where torch exports no syevd); NaN eigenvalues where it fails.
+void linalg_eigh_batch(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs) {
+  try {
+    auto [w, Q] = at::linalg_eigh(flat);
+    evals.copy_(w);
+    evecs.copy_(Q);
+  } catch (const c10::Error&) {
+    for (int64_t b = 0; b < flat.size(0); ++b) {
       try {
         auto [w, Q] = at::linalg_eigh(flat[b]);
         evals[b].copy_(w);
@@ -107,7 +179,7 @@ void lapack_eig_each(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evec
         evals[b].fill_(std::numeric_limits<double>::quiet_NaN());
       }
     }
-  });
+  }
 }
 
 // Rows of a contiguous [B, d] tensor holding a NaN or Inf (a plain loop: the ATen ops for
@@ -133,19 +205,12 @@ std::vector<int64_t> non_finite_rows(const at::Tensor& evals) {
 // eigenvalues (2 and 1 of 600 such sinusoid factors). Jacobi converges on them. A matrix
 // that is itself non-finite keeps NaN eigenvalues and info 1.
 void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info) {
-  if (flat.size(0) > 1 && flat.size(-1) >= kMatrixParallelMinDim) {
-    lapack_eig_each(flat, evals, evecs);
-  } else {
-    try {
-      at::Tensor Q;
-      std::tie(evals, Q) = at::linalg_eigh(flat);
-      evals = evals.contiguous();
-      // LAPACK's batched result is already column-major per matrix; anything else is copied.
-      if (Q.strides() == evecs.strides()) evecs = Q; else evecs.copy_(Q);
-    } catch (const c10::Error&) {
-      lapack_eig_each(flat, evals, evecs);
-    }
-  }
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "sym_eig_lapack", [&] {
+    if (have_syevd<scalar_t>())
+      syevd_batch<scalar_t>(flat, evals, evecs);
+    else
+      linalg_eigh_batch(flat, evals, evecs);
+  });
   for (const int64_t b : non_finite_rows(evals)) {
     if (at::isfinite(flat[b]).all().item<bool>())
       jacobi_one(flat, evals, evecs, info, b);
@@ -156,9 +221,6 @@ void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
 
 // Jacobi work per matrix, roughly: sweeps (~6) x rounds (d) x pairs (d/2) x rotations (4d).
 int64_t jacobi_flops(int64_t d) { return 12 * d * d * d + 1; }
-
-// Chunks below this many flops run inline: waking the thread pool costs more.
-constexpr int64_t kMinParallelFlops = int64_t(1) << 16;
 
 template <typename T>
 void jacobi_batch(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info) {
