@@ -71,9 +71,15 @@ def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    # -fopenmp: ATen's at::parallel_for is inline OpenMP (ATen/ParallelOpenMP.h); without the
+    # flag its `omp parallel` is ignored and every CPU kernel runs on one thread. The extension
+    # then needs libgomp.so.1, the runtime torch itself loads (one OpenMP runtime per process).
+    # -fno-math-errno: sqrt/log without errno, so the CPU loops vectorise.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fdiagnostics-color=always"]
+    link_flags = ["-fopenmp"]
     if not with_cuda:
-        return CppExtension("llama_fast._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("llama_fast._C", sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=link_flags)
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     return CUDAExtension(
@@ -82,6 +88,7 @@ def extension():
         include_dirs=pip_cuda_includes(),
         define_macros=[("LLAMA_FAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_link_args=link_flags,
     )
 
 

@@ -256,6 +256,26 @@ def test_op_normals_are_standard(device, dtype):
         assert z.unique().numel() == z.numel()
 
 
+def test_cpu_draws_do_not_depend_on_thread_count():
+    """The CPU op draws fixed chunks of the output (several here, across two layers) with one
+    generator each, in parallel: one thread and two give the same samples from the same seed."""
+    eA = [torch.rand(2, 300), torch.rand(2, 7)]
+    eG = [torch.rand(2, 64), torch.rand(2, 5)]
+    damping = torch.tensor([0.5, 2.0])
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(SEED)
+            draws.append(torch.ops.llama_fast.kron_scaled_normal(eA, eG, damping, 1.0, 5, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert draws[0][0].numel() > 2 * 65536  # more than two chunks
+    for one, two in zip(*draws):
+        assert torch.equal(one, two)
+
+
 def test_op_opcheck(device):
     """Schema and fake-tensor checks. test_autograd_registration is left out (the op has no
     autograd formula by design: its inputs are eigenvalues treated as constants, and the

@@ -1,10 +1,11 @@
-// CPU kernel of kron_scaled_normal. The normals are ATen's own CPU normal_ draws from torch's
-// CPU generator (the one given, else the default one that torch.manual_seed seeds; normal_
-// takes its mutex): the same stream torch.randn would produce from that generator state, layer
-// after layer in the outputs' row-major order, with ATen's vectorised Box-Muller. A serial
-// scalar draw (at::normal_distribution, or uniforms + a parallel scalar Box-Muller) measured
-// 2-3.5x slower than torch.randn on 2 cores. The per-element scaling (sample_common.h, shared
-// with CUDA) then runs in place in parallel with at::parallel_for.
+// CPU kernel of kron_scaled_normal. The output is cut into fixed chunks of kDrawChunk
+// elements, independent of the thread count; chunk c draws its normals with ATen's own
+// vectorised CPU normal_ from a generator seeded with base + c, where base is one 64-bit draw
+// from torch's CPU generator (the one given, else the default one that torch.manual_seed
+// seeds) per call: the same seed gives the same samples on any number of threads, each call
+// advances the generator, and the chunks are drawn in parallel (torch.randn draws serially)
+// and scaled in place while still in cache, by the per-element formula shared with CUDA
+// (sample_common.h). torch's DataLoader seeds its workers the same way (base seed + worker).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
@@ -13,7 +14,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../logdet.h"
@@ -23,42 +26,50 @@
 namespace llama_fast {
 namespace {
 
-// out[n, t, p, q] *= std[t, p, q]: the [T, g, a] table of standard deviations is computed once
-// (shared arithmetic) and applied to all S draws, in place, both passes in parallel.
+// Elements drawn with one generator: large enough that seeding its Mersenne Twister (~2 us)
+// is noise, small enough (256 KB of float) to stay in L2 between drawing and scaling.
+constexpr int64_t kDrawChunk = int64_t(1) << 16;
+
+// out[k] *= std(t, p, q) over the flat range [begin, end) of one layer's [S, T, g, a] output,
+// walked as (t, p) rows so the inner loop over q is straight-line (vectorisable).
 template <typename T>
-void scale_layer(const ScaledNormalLayer& layer, const T* damping, int64_t tasks, double scale) {
+void scale_range(const ScaledNormalLayer& layer, const T* damping, int64_t tasks, double scale,
+                 int64_t begin, int64_t end) {
   using Acc = at::opmath_type<T>;
   const int64_t per_sample = tasks * layer.g * layer.a;
-  if (per_sample == 0) return;
-  // Walked as (t, p, q) loops rather than by flat index (scaled_normal_std, the CUDA kernel's
-  // per-thread form): its integer divisions cost more than torch.randn's draws at S = 1.
-  std::vector<T> std_table(per_sample);
   const T* mu = static_cast<const T*>(layer.evals_G);
   const T* lambda = static_cast<const T*>(layer.evals_A);
-  at::parallel_for(0, tasks, std::max<int64_t>(1, 16384 / (layer.g * layer.a)), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t p = 0; p < layer.g; ++p) {
-        T* row = std_table.data() + (t * layer.g + p) * layer.a;
-        const Acc mu_tp = static_cast<Acc>(mu[t * layer.g + p]);
-        for (int64_t q = 0; q < layer.a; ++q)
-          row[q] = static_cast<T>(kron_posterior_std<Acc>(mu_tp, static_cast<Acc>(lambda[t * layer.a + q]),
-                                                          static_cast<Acc>(scale), static_cast<Acc>(damping[t])));
-      }
-    }
-  });
   T* out = static_cast<T*>(layer.out);
-  const T* sd = std_table.data();
-  at::parallel_for(0, layer.numel, 16384, [&](int64_t begin, int64_t end) {
-    int64_t k = begin;
-    while (k < end) {
-      const int64_t e = k % per_sample;
-      const int64_t stop = std::min(end, k + (per_sample - e));
-      T* row = out + k;
-      const T* s = sd + e;
-      for (int64_t j = 0; j < stop - k; ++j) row[j] *= s[j];
-      k = stop;
-    }
-  });
+  const Acc s = static_cast<Acc>(scale);
+  int64_t k = begin;
+  while (k < end) {
+    const int64_t e = k % per_sample, row = e / layer.a, q0 = e % layer.a;
+    const int64_t t = row / layer.g, stop = std::min(end, k + (layer.a - q0));
+    const Acc mu_tp = static_cast<Acc>(mu[row]), delta = static_cast<Acc>(damping[t]);
+    const T* lam = lambda + t * layer.a + q0;
+    T* o = out + k;
+    for (int64_t j = 0; j < stop - k; ++j)
+      o[j] = static_cast<T>(o[j] * kron_posterior_std<Acc>(mu_tp, static_cast<Acc>(lam[j]), s, delta));
+    k = stop;
+  }
+}
+
+// One chunk: draw, then scale in place.
+template <typename T>
+void draw_chunk(const ScaledNormalLayer& layer, const at::Tensor& flat_out, const T* damping,
+                int64_t tasks, double scale, int64_t begin, int64_t end, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  flat_out.narrow(0, begin, end - begin).normal_(0.0, 1.0, gen);
+  scale_range<T>(layer, damping, tasks, scale, begin, end);
+}
+
+// One 64-bit draw from the caller's generator (under its lock): the base of the chunk seeds.
+uint64_t base_seed(const std::optional<at::Generator>& generator) {
+  at::Generator gen = generator.has_value() && generator->defined() ? *generator
+                                                                    : at::detail::getDefaultCPUGenerator();
+  auto* impl = at::check_generator<at::CPUGeneratorImpl>(gen);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return impl->random64();
 }
 
 std::vector<at::Tensor> kron_scaled_normal_cpu(at::TensorList evals_A, at::TensorList evals_G,
@@ -69,17 +80,31 @@ std::vector<at::Tensor> kron_scaled_normal_cpu(at::TensorList evals_A, at::Tenso
   const auto eA = contiguous_all(evals_A), eG = contiguous_all(evals_G);
   const at::Tensor delta = damping.contiguous();
   std::vector<at::Tensor> out = empty_scaled_normal(eA, eG, delta, num_samples);
-  // Resolves (and type-checks) the generator once; normal_ locks its mutex per call.
-  at::Generator gen = generator.has_value() && generator->defined() ? *generator
-                                                                    : at::detail::getDefaultCPUGenerator();
-  at::check_generator<at::CPUGeneratorImpl>(gen);
-  for (at::Tensor& o : out) o.normal_(0.0, 1.0, gen);
+  const uint64_t base = base_seed(generator);
+  // (layer, first element) of every chunk, numbered over all layers.
+  std::vector<std::pair<size_t, int64_t>> chunks;
+  int64_t total = 0;
+  for (size_t l = 0; l < out.size(); ++l) {
+    for (int64_t k = 0; k < out[l].numel(); k += kDrawChunk) chunks.emplace_back(l, k);
+    total += out[l].numel();
+  }
+  // Small outputs (the sinusoid network's) run inline: waking the thread pool costs more.
+  const int64_t grain = total < 2 * kDrawChunk ? std::max<int64_t>(1, chunks.size()) : 1;
   AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "kron_scaled_normal_cpu", [&] {
+    std::vector<ScaledNormalLayer> layers;
+    std::vector<at::Tensor> flat;
     for (size_t l = 0; l < eA.size(); ++l) {
-      const ScaledNormalLayer layer{eA[l].data_ptr(), eG[l].data_ptr(), out[l].data_ptr(),
-                                    eA[l].size(1), eG[l].size(1), out[l].numel()};
-      scale_layer<scalar_t>(layer, delta.data_ptr<scalar_t>(), delta.size(0), scale);
+      layers.push_back({eA[l].data_ptr(), eG[l].data_ptr(), out[l].data_ptr(), eA[l].size(1),
+                        eG[l].size(1), out[l].numel()});
+      flat.push_back(out[l].view({-1}));
     }
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto [l, k] = chunks[c];
+        draw_chunk<scalar_t>(layers[l], flat[l], delta.data_ptr<scalar_t>(), delta.size(0), scale, k,
+                             std::min(k + kDrawChunk, out[l].numel()), base + static_cast<uint64_t>(c));
+      }
+    });
   });
   return out;
 }
