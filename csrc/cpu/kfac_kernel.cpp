@@ -329,8 +329,8 @@ void gram_blas(const std::vector<GramProblem>& problems, const std::vector<at::T
 // ---- path choice --------------------------------------------------------------------------
 
 // Portable pays off only where the fixed cost of the BLAS path (a batched gemm, a temporary
-// and a finishing pass per problem, ~20 us) outweighs its faster arithmetic: tiny problems
-// such as the sinusoid MLP at T=4 (measured on 2 cores, see benchmarks/RESULTS.md).
+// and a finishing pass per problem, ~20 us) outweighs its faster arithmetic: calls whose
+// problems are all tiny, such as the sinusoid MLP at T=4 (2 cores, benchmarks/RESULTS.md).
 bool prefers_portable(const GramProblem& p) {
   constexpr int64_t kPortableMaxWork = int64_t(1) << 17;  // multiply-adds over all tasks
   return p.tasks * p.rows * p.width() * p.width() <= kPortableMaxWork;
@@ -340,12 +340,14 @@ bool prefers_portable(const GramProblem& p) {
 template <typename T>
 void gram_grouped_cpu(const KfacPlan& plan, at::TensorList a, at::TensorList g) {
   const CpuPath path = cpu_path_from_env("LLAMA_FAST_CPU_GRAM", "portable", "blas");
+  // One path for the whole call: a mix pays both paths' fixed costs and two trips to the
+  // thread pool (sinusoid T=32: 160 us mixed, 135 us all BLAS).
+  const bool all_small = std::all_of(plan.problems.begin(), plan.problems.end(), prefers_portable);
   std::vector<GramProblem> portable, blas;
   std::vector<at::Tensor> blas_inputs;
   for (size_t i = 0; i < plan.problems.size(); ++i) {
     const GramProblem& p = plan.problems[i];
-    const bool use_portable =
-        path == CpuPath::kFirst || (path == CpuPath::kAuto && prefers_portable(p));
+    const bool use_portable = path == CpuPath::kFirst || (path == CpuPath::kAuto && all_small);
     if (use_portable) {
       portable.push_back(p);
     } else {
