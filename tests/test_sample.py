@@ -271,7 +271,7 @@ def test_cpu_draws_do_not_depend_on_thread_count():
             draws.append(torch.ops.llama_fast.kron_scaled_normal(eA, eG, damping, 1.0, 5, None))
     finally:
         torch.set_num_threads(threads)
-    assert draws[0][0].numel() > 2 * 65536  # more than two chunks
+    assert draws[0][0].numel() > 2 * 16384  # more than two chunks
     for one, two in zip(*draws):
         assert torch.equal(one, two)
 
