@@ -75,8 +75,9 @@ def extension():
     # flag its `omp parallel` is ignored and every CPU kernel runs on one thread. The extension
     # then needs libgomp.so.1, the runtime torch itself loads (one OpenMP runtime per process).
     # -fno-math-errno: sqrt/log without errno, so the CPU loops vectorise.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fdiagnostics-color=always"]
-    link_flags = ["-fopenmp"]
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", *openmp, "-fno-math-errno", "-fdiagnostics-color=always"]
+    link_flags = openmp
     if not with_cuda:
         return CppExtension("llama_fast._C", sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=link_flags)

@@ -26,6 +26,7 @@ def _evecs_like(M):
 
 
 _SYM_EIG_OP = torch.ops.llama_fast.sym_eig.default
+_FLOAT_TYPES = (torch.float32, torch.float64)
 
 
 def _check_input(M) -> None:
@@ -49,6 +50,10 @@ def sym_eig(M: torch.Tensor, *, check: bool = False):
         _check_input(M)
         _checks.check_finite(M, "M")
         _checks.check_symmetric(M, "M")
+    if M.dim() >= 2 and M.shape[-2:] == (1, 1) and M.dtype in _FLOAT_TYPES:
+        # A 1 x 1 matrix is its own eigenvalue, with eigenvector 1 (the op call's fixed cost
+        # is all of the time at this size); differentiable like eigh (d w = d M).
+        return M[..., 0].clone(), torch.ones_like(M)
     try:
         evals, evecs, info = _SYM_EIG_OP(M)
     except (RuntimeError, TypeError):

@@ -158,6 +158,26 @@ def test_gradcheck_float64(device, rng):
     assert torch.autograd.gradcheck(sign_invariant, (X,))
 
 
+def test_one_by_one_matrices(device, rng):
+    """1 x 1 matrices skip the op (its fixed cost is all of the time there): the same values,
+    layout-free eigenvectors and gradient as torch.linalg.eigh; a new tensor, not a view of M;
+    integer input still rejected."""
+    M = torch.randn(3, 4, 1, 1, generator=rng, dtype=torch.float64).to(device)
+    X1, X2 = M.clone().requires_grad_(), M.clone().requires_grad_()
+    weights = torch.randn(3, 4, 1, generator=rng, dtype=torch.float64).to(device)
+    for fn, x in ((lf.sym_eig, X1), (torch.linalg.eigh, X2)):
+        w, Q = fn(x)
+        torch.testing.assert_close(w, M[..., 0])
+        torch.testing.assert_close(Q.abs(), torch.ones_like(M))
+        (w * weights).sum().backward()
+    torch.testing.assert_close(X1.grad, X2.grad)
+    w, _ = lf.sym_eig(M)
+    w.add_(1.0)
+    assert not torch.equal(w, M[..., 0])
+    with pytest.raises((RuntimeError, TypeError, ValueError)):
+        lf.sym_eig(torch.ones(2, 1, 1, dtype=torch.int64, device=device))
+
+
 def test_gradient_matches_torch_eigh(device, rng):
     X = torch.randn(3, 6, 6, generator=rng, dtype=torch.float64).to(device)
     X1 = X.clone().requires_grad_()

@@ -131,8 +131,9 @@ std::pair<int, int> syevd_workspace(int n) {
   return {std::max<int>(1, static_cast<int>(work_size)), std::max(1, iwork_size)};
 }
 
-// syevd work per matrix, roughly (reduction, divide and conquer, back-transformation).
-int64_t syevd_flops(int64_t d) { return 10 * d * d * d + 1; }
+// syevd cost per matrix in flop-equivalents, roughly: the reduction, divide and conquer and
+// back-transformation (10 d^3), plus LAPACK's fixed cost per call (~3 us even at 9 wide).
+int64_t syevd_flops(int64_t d) { return 10 * d * d * d + 10000; }
 
 // Chunks below this many flops run inline: waking the thread pool costs more.
 constexpr int64_t kMinParallelFlops = int64_t(1) << 16;
