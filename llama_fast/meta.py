@@ -224,8 +224,12 @@ def split_params(model, spec, params=None):
 def curvature_logdet(a, g, biases, damping, scale, backend):
     """Per-task log det H from the captured rows: one batched call for all layers."""
     if backend == "kernels":
-        A, G = kfac_factors(a, g, bias=biases, low_rank=True)
-        G, null_pairs = _narrow_g_as_dual(g, G, A)
+        narrow = [x.shape[-2] < x.shape[-1] for x in g]
+        # A narrow G's slot in the grouped launch gets a 1 x 1 stand-in (as kfac_factors does
+        # for a low-rank A): its dense factor would be discarded for the dual.
+        g_launch = [x[:, :1, :1] if n else x for x, n in zip(g, narrow)]
+        A, G = kfac_factors(a, g_launch, bias=biases, low_rank=True)
+        G, null_pairs = _narrow_g_as_dual(g, G, A, narrow)
         logdet = kron_logdet(A, G, damping=damping, scale=scale)
         if null_pairs:
             log_delta = torch.log(damping) if isinstance(damping, torch.Tensor) else math.log(damping)
@@ -235,18 +239,17 @@ def curvature_logdet(a, g, biases, damping, scale, backend):
     return reference.kron_logdet(A, G, damping=damping, scale=scale)
 
 
-def _narrow_g_as_dual(g, G, A):
-    """Every G built from fewer rows M than its width o (the sinusoid MLP's 40-wide G's from
-    10 support points) replaced by its dual ``g g^T`` ([T, M, M]: the same nonzero eigenvalues,
-    so a 10 x 10 instead of a 40 x 40 eigendecomposition), and the eigenvalue pairs that leaves
-    out: G's o - M exact zeros, each paired with every eigenvalue of A, add log(delta) apiece.
-    Gradients reach the rows through the dual, exactly as for a low-rank A."""
+def _narrow_g_as_dual(g, G, A, narrow):
+    """Every G built from fewer rows M than its width o (`narrow`: the sinusoid MLP's 40-wide
+    G's from 10 support points) given as its dual ``g g^T`` ([T, M, M]: the same nonzero
+    eigenvalues, so a 10 x 10 instead of a 40 x 40 eigendecomposition), and the eigenvalue pairs
+    that leaves out: G's o - M exact zeros, each paired with every eigenvalue of A, add
+    log(delta) apiece. Gradients reach the rows through the dual, as for a low-rank A."""
     G, null_pairs = list(G), 0
-    for l, (rows, A_l) in enumerate(zip(g, A)):
-        M, o = rows.shape[-2], rows.shape[-1]
-        if M < o:
+    for l, (rows, A_l, is_narrow) in enumerate(zip(g, A, narrow)):
+        if is_narrow:
             G[l] = rows @ rows.transpose(-1, -2)
-            null_pairs += (o - M) * A_l.shape[-1]
+            null_pairs += (rows.shape[-1] - rows.shape[-2]) * A_l.shape[-1]
     return G, null_pairs
 
 

@@ -27,7 +27,7 @@ namespace llama_fast {
 namespace {
 
 // Elements drawn with one generator: large enough that seeding its Mersenne Twister (~2 us)
-// is noise next to drawing them (~70 us), small enough (64 KB of float) to stay in L2 between
+// is noise next to drawing them (~55 us), small enough (64 KB of float) to stay in L2 between
 // drawing and scaling, and to split the sinusoid network's outputs (70K elements at T=4,
 // S=10) over the threads.
 constexpr int64_t kDrawChunk = int64_t(1) << 14;
