@@ -28,15 +28,19 @@ KfacOutput call_kfac_below_autograd(at::TensorList a, at::TensorList g,
 }
 
 // Gradient of out = scale * xbar^T xbar (xbar = [x, 1] if ones) with respect to x.
+// The scale goes on the small (cols x cols) matrix and the bias row's cross terms ride in the
+// product as baddbmm's `self`: rows x cols is touched once (Conv-4's 15680 x 64 and
+// 980 x 576 rows took an extra pass each for `* scale` and `+ bias`).
 at::Tensor gram_input_grad(const at::Tensor& x, const at::Tensor& d_out, bool ones,
                            double scale) {
   if (!d_out.defined()) return {};
   const int64_t cols = x.size(2);
-  const at::Tensor sym = d_out + d_out.transpose(1, 2);
-  at::Tensor dx = at::matmul(x, sym.slice(1, 0, cols).slice(2, 0, cols));
+  const at::Tensor sym = (d_out + d_out.transpose(1, 2)) * scale;
+  const at::Tensor weight = sym.slice(1, 0, cols).slice(2, 0, cols);
+  if (!ones) return at::bmm(x, weight);
   // The column of ones is not an input; its cross terms still reach every row of x.
-  if (ones) dx = dx + sym.slice(1, cols, cols + 1).slice(2, 0, cols);
-  return dx * scale;
+  const at::Tensor bias_row = sym.slice(1, cols, cols + 1).slice(2, 0, cols);
+  return at::baddbmm(bias_row.expand({x.size(0), x.size(1), cols}), x, weight);
 }
 
 struct KfacFactorsFunction : public torch::autograd::Function<KfacFactorsFunction> {

@@ -1,5 +1,5 @@
 // kron_logdet: argument checks, and the composite exact op. The composite is registered for
-// CompositeExplicitAutograd (autograd comes from Python's register_autograd): it calls the
+// CompositeExplicitAutograd (its autograd kernel is in logdet_autograd.cpp): it calls the
 // sym_eig op and the backend reduction op through the dispatcher, and returns the
 // eigendecompositions so that the backward pass reuses them.
 #include "logdet.h"

@@ -4,7 +4,9 @@ Per layer, ``H = s * (G (x) A) + delta * I`` (DESIGN.md section 1) and, in "exac
 ``log det H = sum_{p,q} log(s * mu_p * lambda_q + delta)`` over the eigenvalues of G and A. The
 compiled op torch.ops.llama_fast.kron_logdet_exact returns the eigendecompositions it used,
 so the backward pass reuses them: ``dA = Q_A diag(w_A) Q_A^T`` with
-``w_A[q] = sum_p s mu_p / (s mu_p lambda_q + delta)`` (no eigenvector derivatives).
+``w_A[q] = sum_p s mu_p / (s mu_p lambda_q + delta)`` (no eigenvector derivatives). Its autograd
+formula is registered in C++ (csrc/logdet_autograd.cpp); this module adds the fake (meta)
+implementations for torch.compile and the user-facing wrapper.
 """
 
 import torch
@@ -38,42 +40,6 @@ def _exact_fake(A, G, damping, scale):
         [x.new_empty(x.shape[:-1]) for x in G],
         [_evecs_like(x) for x in G],
     )
-
-
-def _setup_context(ctx, inputs, output):
-    _, _, damping, scale = inputs
-    _, evals_A, evecs_A, evals_G, evecs_G = output
-    # The eigendecompositions are returned for reuse, not differentiated through.
-    ctx.mark_non_differentiable(*evals_A, *evecs_A, *evals_G, *evecs_G)
-    ctx.layers = len(evals_A)
-    ctx.scale = scale
-    ctx.save_for_backward(damping, *evals_A, *evecs_A, *evals_G, *evecs_G)
-    # No zero tensors for the eigendecompositions' (unused) output gradients.
-    ctx.set_materialize_grads(False)
-
-
-def _rotate_back(evecs, weights):
-    """Q diag(weights) Q^T for a batch."""
-    return (evecs * weights.unsqueeze(-2)) @ evecs.transpose(-1, -2)
-
-
-def _backward(ctx, d_logdet, *unused_eig_grads):
-    if torch.is_grad_enabled():
-        raise RuntimeError("kron_logdet: double backward (create_graph=True through the "
-                           "log-determinant) is not supported")
-    if d_logdet is None:   # only the (non-differentiable) eigendecompositions were used
-        return [None] * ctx.layers, [None] * ctx.layers, None, None
-    damping, *saved = ctx.saved_tensors
-    L = ctx.layers
-    evals_A, evecs_A, evals_G, evecs_G = (saved[i * L:(i + 1) * L] for i in range(4))
-    w_A, w_G, w_delta = torch.ops.llama_fast.kron_logdet_weights(evals_A, evals_G, damping, ctx.scale)
-    g = d_logdet.unsqueeze(-1)
-    dA = [_rotate_back(Q, w * g) for Q, w in zip(evecs_A, w_A)]
-    dG = [_rotate_back(Q, w * g) for Q, w in zip(evecs_G, w_G)]
-    return dA, dG, w_delta * d_logdet, None
-
-
-torch.library.register_autograd("llama_fast::kron_logdet_exact", _backward, setup_context=_setup_context)
 
 
 def factored_damping(A, sG, delta):
