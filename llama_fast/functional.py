@@ -44,6 +44,17 @@ FISHERS = ("exact", "mc", "empirical")
 KFAC_TYPES = (nn.Linear, nn.Conv2d)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
+# Modules that treat every example on its own (nothing mixes rows of the batch): a network
+# made of these alone may run several sets of examples in one pass. User-defined modules
+# (their forward could mix the batch) and BatchNorm (batch statistics) are not among them.
+PER_EXAMPLE_TYPES = (
+    nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten, *KFAC_TYPES, *DROPOUT_TYPES,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LogSigmoid, nn.Tanhshrink,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)
 
 
 @dataclass(frozen=True)
@@ -62,11 +73,13 @@ class KfacLayer:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """The K-FAC layers of a network, its adapted ("fast") and fixed ("slow") parameters."""
+    """The K-FAC layers of a network, its adapted ("fast") and fixed ("slow") parameters, and
+    whether every module is known to treat each example on its own (PER_EXAMPLE_TYPES)."""
 
     layers: tuple
     fast: tuple
     slow: tuple
+    per_example: bool = False
 
 
 def _conv_padding(module: nn.Conv2d, name: str):
@@ -114,7 +127,13 @@ def inspect_model(model: nn.Module) -> NetworkSpec:
                 "BatchNorm fixed; other layers must be parameter-free")
     if not layers:
         raise ValueError("model has no nn.Linear or nn.Conv2d layer: nothing to adapt")
-    return NetworkSpec(tuple(layers), tuple(fast), tuple(slow))
+    per_example = all(_is_per_example(m) for m in model.modules())
+    return NetworkSpec(tuple(layers), tuple(fast), tuple(slow), per_example)
+
+
+def _is_per_example(module: nn.Module) -> bool:
+    """A torch.nn module of a PER_EXAMPLE_TYPES class (a user's subclass may override forward)."""
+    return isinstance(module, PER_EXAMPLE_TYPES) and type(module).__module__.startswith("torch.nn.modules.")
 
 
 @contextmanager
@@ -290,11 +309,18 @@ class FunctionalNet:
         self.capture.stop()
         return shapes, tuple(out.shape[1:])
 
-    def capture_rows(self, fast, rest, x, y, fisher, layer_shapes, noise=None):
+    def capture_rows(self, fast, rest, x, y, fisher, layer_shapes, noise=None, extra_x=None):
         """(out, a rows, g rows) of one task at `fast`: the network output on x (differentiable)
-        and, per K-FAC layer, the rows that build A (mean) and G (sum)."""
+        and, per K-FAC layer, the rows that build A (mean) and G (sum).
+
+        `extra_x` (per-example networks only: ``spec.per_example``) rides along in the same
+        pass without entering the rows; `out` then covers x and extra_x, in that order. It
+        saves meta_step a second forward pass (the query's) where call overheads dominate.
+        """
         n = x.shape[0]
-        probes = tuple(torch.zeros((n, *s), dtype=x.dtype, device=x.device) for s in layer_shapes)
+        if extra_x is not None:
+            x = torch.cat([x, extra_x])
+        probes = tuple(torch.zeros((x.shape[0], *s), dtype=x.dtype, device=x.device) for s in layer_shapes)
 
         def probed(probes):
             self.capture.start(probes)
@@ -306,13 +332,16 @@ class FunctionalNet:
             return out, self.capture.stop()
 
         out, vjp_fn, inputs = torch.func.vjp(probed, probes, has_aux=True)
-        V = cotangents(out, y, self.loss, fisher, noise)
+        V = cotangents(out[:n], y, self.loss, fisher, noise)
+        if extra_x is not None:   # the extra rows carry no cotangent, and give no a or g rows
+            V = torch.cat([V, V.new_zeros(V.shape[0], x.shape[0] - n, *V.shape[2:])], dim=1)
+            inputs = [a[:n] for a in inputs]
         # One VJP per cotangent rather than vmap over them: under a second vmap, BatchNorm's
         # backward (and its double backward, for the meta-gradient) falls back to a chain of
         # elementwise ops over K*T folded channels, while each plain VJP keeps ATen's fused
         # kernels (Conv-4, 5-way exact Fisher: LLAMA step 787 -> 741 ms on 2 CPU threads).
         per_cotangent = [vjp_fn(v)[0] for v in V.unbind(0)]
         # g [K*N, ...], cotangent-major: the order of G's rows does not matter (a sum).
-        gs = [g[0] if len(g) == 1 else torch.cat(g) for g in zip(*per_cotangent)]
+        gs = [g[0][:n] if len(g) == 1 else torch.cat([g_c[:n] for g_c in g]) for g in zip(*per_cotangent)]
         rows = [layer_rows(layer, a, g) for layer, a, g in zip(self.spec.layers, inputs, gs)]
         return out, [r[0] for r in rows], [r[1] for r in rows]

@@ -125,10 +125,11 @@ def _grouped_factors(a_list, g_list, bias, a_scale, g_scale, low_rank):
         A, G = _KFAC_OP(a_list, g_list, biases, a_scales, g_scales)
         return list(A), list(G)
     thin = [x.shape[1] < x.shape[2] + b for x, b in zip(a_list, biases)]
-    # Low-rank layers still go through the grouped launch for G; their A slot gets a 1-row
-    # stand-in whose (tiny) result is discarded.
-    a_launch = [x[:, :1, :1] if t else x for x, t in zip(a_list, thin)]
-    A, G = _KFAC_OP(a_launch, g_list, biases, a_scales, g_scales)
-    A = [LowRankFactor(x, b, s) if t else A_l
-         for x, b, s, t, A_l in zip(a_list, biases, a_scales, thin, A)]
+    # A low-rank layer's slot in the grouped launch computes its dual Gram matrix instead:
+    # the rows transposed, without the bias column, give s * a a^T; abar's ones add s.
+    a_launch = [x.transpose(1, 2) if t else x for x, t in zip(a_list, thin)]
+    b_launch = [b and not t for b, t in zip(biases, thin)]
+    A, G = _KFAC_OP(a_launch, g_list, b_launch, a_scales, g_scales)
+    A = [LowRankFactor(x, b, s, dual=K + s if b else K) if t else K
+         for x, b, s, t, K in zip(a_list, biases, a_scales, thin, A)]
     return A, list(G)

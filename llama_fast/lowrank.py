@@ -20,12 +20,14 @@ class LowRankFactor:
         rows: ``a`` of shape ``[T, N, i]``, N < i + bias.
         bias: whether ``abar = [a, 1]`` (the column of ones is not stored).
         scale: ``s`` (kfac_factors' ``a_scale``; ``1/N`` by default there).
+        dual: ``K`` itself when already computed (else :meth:`dual` forms it from the rows).
     """
 
-    def __init__(self, rows: torch.Tensor, bias: bool, scale: float):
+    def __init__(self, rows: torch.Tensor, bias: bool, scale: float, dual: torch.Tensor | None = None):
         self.rows = rows
         self.bias = bool(bias)
         self.scale = float(scale)
+        self._dual = dual   # K, when the caller computed it already (kfac_factors' launch)
 
     @property
     def width(self) -> int:
@@ -50,6 +52,8 @@ class LowRankFactor:
 
     def dual(self) -> torch.Tensor:
         """``K = scale * abar abar^T`` [T, N, N]: the same nonzero eigenvalues as A."""
+        if self._dual is not None:
+            return self._dual
         K = self.rows @ self.rows.transpose(-1, -2)
         if self.bias:
             K = K + 1.0

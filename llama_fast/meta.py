@@ -224,33 +224,23 @@ def split_params(model, spec, params=None):
 def curvature_logdet(a, g, biases, damping, scale, backend):
     """Per-task log det H from the captured rows: one batched call for all layers."""
     if backend == "kernels":
+        # A G built from fewer rows M than its width o (the sinusoid MLP's 40-wide G's from 10
+        # support points) is given to the log-det as its dual g g^T ([T, M, M]: the same
+        # nonzero eigenvalues, a 10 x 10 instead of a 40 x 40 eigendecomposition), computed in
+        # the grouped launch from the transposed rows. G's o - M exact zero eigenvalues, each
+        # paired with every eigenvalue of A, add log(delta) apiece.
         narrow = [x.shape[-2] < x.shape[-1] for x in g]
-        # A narrow G's slot in the grouped launch gets a 1 x 1 stand-in (as kfac_factors does
-        # for a low-rank A): its dense factor would be discarded for the dual.
-        g_launch = [x[:, :1, :1] if n else x for x, n in zip(g, narrow)]
+        g_launch = [x.transpose(1, 2) if n else x for x, n in zip(g, narrow)]
         A, G = kfac_factors(a, g_launch, bias=biases, low_rank=True)
-        G, null_pairs = _narrow_g_as_dual(g, G, A, narrow)
         logdet = kron_logdet(A, G, damping=damping, scale=scale)
+        null_pairs = sum((x.shape[-1] - x.shape[-2]) * A_l.shape[-1]
+                         for x, A_l, n in zip(g, A, narrow) if n)
         if null_pairs:
             log_delta = torch.log(damping) if isinstance(damping, torch.Tensor) else math.log(damping)
             logdet = logdet + null_pairs * log_delta
         return logdet
     A, G = reference.kfac_factors(a, g, bias=biases)
     return reference.kron_logdet(A, G, damping=damping, scale=scale)
-
-
-def _narrow_g_as_dual(g, G, A, narrow):
-    """Every G built from fewer rows M than its width o (`narrow`: the sinusoid MLP's 40-wide
-    G's from 10 support points) given as its dual ``g g^T`` ([T, M, M]: the same nonzero
-    eigenvalues, so a 10 x 10 instead of a 40 x 40 eigendecomposition), and the eigenvalue pairs
-    that leaves out: G's o - M exact zeros, each paired with every eigenvalue of A, add
-    log(delta) apiece. Gradients reach the rows through the dual, as for a low-rank A."""
-    G, null_pairs = list(G), 0
-    for l, (rows, A_l, is_narrow) in enumerate(zip(g, A, narrow)):
-        if is_narrow:
-            G[l] = rows @ rows.transpose(-1, -2)
-            null_pairs += (rows.shape[-1] - rows.shape[-2]) * A_l.shape[-1]
-    return G, null_pairs
 
 
 def mc_noise(loss, samples, tasks, rows, out_shape, like, generator):
@@ -332,9 +322,14 @@ def _task_function(net, theta, rest, cfg, layer_shapes, prior_term):
         a, g = [], []
         if cfg["llama"]:
             on_query = cfg["curvature_on"] == "query"
-            cx, cy = (qx, qy) if on_query else (sx, sy)
-            out, a, g = net.capture_rows(phi, rest, cx, cy, cfg["fisher"], layer_shapes, noise)
-            q_out = out if on_query else net.forward(phi, rest, qx)   # one query pass when shared
+            if on_query:
+                q_out, a, g = net.capture_rows(phi, rest, qx, qy, cfg["fisher"], layer_shapes, noise)
+            elif net.spec.per_example:   # the query rides along in the support's capture pass
+                out, a, g = net.capture_rows(phi, rest, sx, sy, cfg["fisher"], layer_shapes, noise, extra_x=qx)
+                q_out = out[sx.shape[0]:]
+            else:
+                _, a, g = net.capture_rows(phi, rest, sx, sy, cfg["fisher"], layer_shapes, noise)
+                q_out = net.forward(phi, rest, qx)
         else:
             q_out = net.forward(phi, rest, qx)
         q_loss = task_loss(q_out, qy, cfg["loss"])

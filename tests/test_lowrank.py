@@ -22,6 +22,9 @@ def test_low_rank_only_when_fewer_rows_than_width(device, bias, rng):
     assert A_thin.shape == (2, 64 + bias, 64 + bias) and A_thin.rank_bound == 5
     dense, _ = lf.kfac_factors(thin, g1, bias=bias)
     torch.testing.assert_close(A_thin.dense(), dense)
+    # Its dual Gram matrix comes from the grouped launch: the rows' own formula must agree.
+    from_rows = lf.LowRankFactor(thin, bias, A_thin.scale).dual()
+    torch.testing.assert_close(A_thin.dual(), from_rows, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias", [True, False])
