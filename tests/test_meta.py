@@ -448,3 +448,38 @@ def test_query_riding_in_the_capture_pass_changes_nothing(fisher, rng, monkeypat
     torch.testing.assert_close(r_merged.meta_loss, r_separate.meta_loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(r_merged.logdet, r_separate.logdet, rtol=1e-12, atol=0)
     assert_grads_close(merged, separate, rtol=1e-10)
+
+
+@pytest.mark.parametrize("network", ["conv4", "mlp"])
+def test_task_chunks_change_nothing(network, rng):
+    """Tasks vmapped in chunks (one autograd graph over them) give the same meta-loss, log-dets
+    and meta-gradients as one vmap over all tasks."""
+    if network == "conv4":
+        model, batch, loss = small_conv4(rng), image_batch(3, 3, 1, 2, 16, rng), "cross_entropy"
+    else:
+        model, batch, loss = small_mlp(rng), sinusoid_batch(3, 4, 6, rng), "mse"
+    kw = dict(algorithm="llama", loss=loss, inner_lr=0.1, inner_steps=2, eta=0.2,
+              damping=torch.tensor([0.5, 1.0, 2.0], dtype=DT))
+    whole, r_whole = meta_grads(model, batch, task_chunk=None, **kw)
+    for chunk in (1, 2):
+        got, r_got = meta_grads(model, batch, task_chunk=chunk, **kw)
+        torch.testing.assert_close(r_got.meta_loss, r_whole.meta_loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(r_got.logdet, r_whole.logdet, rtol=1e-12, atol=0)
+        assert_grads_close(got, whole, rtol=1e-10)
+
+
+def test_auto_task_chunk():
+    """"auto": all tasks on a GPU; on the CPU, chunks within 8 MB of the widest capture
+    activation (Conv-4 28x28 5-way 1-shot: 5 rows x 64 x 28 x 28 float32 = 1 MB per task)."""
+    resolve = lf.meta.resolve_task_chunk
+    conv4 = [(64, 28, 28), (64, 14, 14), (64, 7, 7), (64, 3, 3), (5,)]
+    assert resolve("auto", 32, torch.device("cpu"), 5, conv4, 4) == 8
+    assert resolve("auto", 8, torch.device("cpu"), 5, conv4, 4) is None      # one chunk
+    assert resolve("auto", 32, torch.device("cpu"), 25, conv4, 8) == 1      # 5-shot float64
+    assert resolve("auto", 32, torch.device("cuda"), 5, conv4, 4) is None
+    assert resolve("auto", 32, torch.device("cpu"), 10, [(40,), (40,), (1,)], 4) is None   # sinusoid
+    assert resolve(None, 32, torch.device("cpu"), 5, conv4, 4) is None
+    assert resolve(3, 32, torch.device("cpu"), 5, conv4, 4) == 3
+    for bad in (0, -2, 1.5, True, "all"):
+        with pytest.raises(ValueError, match="task_chunk must be None, 'auto' or an int >= 1"):
+            resolve(bad, 32, torch.device("cpu"), 5, conv4, 4)
