@@ -210,12 +210,14 @@ def check_targets(y, out_shape, loss, name):
 
 # task_chunk="auto" on the CPU: tasks per vmap call such that one chunk's largest capture
 # activation (support rows x the widest K-FAC layer output) stays within this many bytes.
-# Measured (2-core EPYC, Conv-4 5-way 1-shot, 1 MB per task): at T=32 chunks of 4 or 8 run
-# MAML 4.70 -> 3.68 s and LLAMA 7.65 -> 5.50 s against one vmap over all 32 tasks (tensors
-# past glibc's 32 MB mmap threshold are page-faulted in afresh on every allocation, and
-# BatchNorm's double backward streams them through DRAM many times); the sinusoid MLP's
-# few-KB tasks gain nothing from chunks (Python overhead per chunk), and stay in one call.
-AUTO_CHUNK_BYTES = 8 << 20
+# Measured (2-core EPYC, best of interleaved runs, Conv-4 5-way 1-shot, 1 MB per task), step
+# time in ms for chunks of 1 / 4 or 8 / all tasks: T=4 MAML 350 / - / 501, LLAMA 645 / - / 794;
+# T=32 MAML 2807 / 3865 / 4697, LLAMA 5550 / 5777 / 7649. Under vmap the CPU pays for the
+# batch: convolutions become grouped ones (Conv-4's first, one input channel per group, is
+# slow in oneDNN), BatchNorm folds tasks into channels through copies, and tensors past glibc's
+# 32 MB mmap threshold are page-faulted in afresh on every allocation. The sinusoid MLP's
+# 1.6 KB tasks stay in one call: there a chunk costs more in Python overhead than it saves.
+AUTO_CHUNK_BYTES = 1 << 20
 
 
 def resolve_task_chunk(task_chunk, tasks, device, rows, layer_shapes, element_size):
@@ -452,9 +454,10 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
             (llama_fast.reference, dense): same math, for comparisons.
         task_chunk: tasks per vmapped call: None (all T in one), an int, or "auto" (the
             default): all T on a GPU; on the CPU, chunks whose largest capture activation
-            stays within 8 MB (Conv-4 28x28 1-shot: 8 tasks; the sinusoid MLP: all). Results
-            and gradients do not depend on it (one autograd graph over the chunks); memory
-            and, on the CPU, time do (Conv-4 T=32: 22% faster for MAML, 28% for LLAMA).
+            stays within 1 MB (Conv-4 28x28 1-shot: one task per call; the sinusoid MLP: all
+            in one). Results and gradients do not depend on it (one autograd graph over the
+            chunks); memory and, on the CPU, time do (Conv-4 T=32 on 2 threads: MAML 4.7 ->
+            2.8 s, LLAMA 7.6 -> 5.6 s against one call for all 32 tasks).
         timings: record wall-clock seconds per phase in the result.
         process_group: None (single process), or a torch.distributed process group (e.g.
             ``torch.distributed.group.WORLD``, or ``init_from_env().group``) for data-parallel

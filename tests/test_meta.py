@@ -469,12 +469,13 @@ def test_task_chunks_change_nothing(network, rng):
 
 
 def test_auto_task_chunk():
-    """"auto": all tasks on a GPU; on the CPU, chunks within 8 MB of the widest capture
-    activation (Conv-4 28x28 5-way 1-shot: 5 rows x 64 x 28 x 28 float32 = 1 MB per task)."""
+    """"auto": all tasks on a GPU; on the CPU, chunks within 1 MB of the widest capture
+    activation (Conv-4 28x28 5-way 1-shot: 5 rows x 64 x 28 x 28 float32 = 0.96 MB per task)."""
     resolve = lf.meta.resolve_task_chunk
     conv4 = [(64, 28, 28), (64, 14, 14), (64, 7, 7), (64, 3, 3), (5,)]
-    assert resolve("auto", 32, torch.device("cpu"), 5, conv4, 4) == 8
-    assert resolve("auto", 8, torch.device("cpu"), 5, conv4, 4) is None      # one chunk
+    assert resolve("auto", 32, torch.device("cpu"), 5, conv4, 4) == 1
+    assert resolve("auto", 32, torch.device("cpu"), 1, conv4, 4) == 5       # 0.19 MB per task
+    assert resolve("auto", 4, torch.device("cpu"), 1, conv4, 4) is None      # one chunk
     assert resolve("auto", 32, torch.device("cpu"), 25, conv4, 8) == 1      # 5-shot float64
     assert resolve("auto", 32, torch.device("cuda"), 5, conv4, 4) is None
     assert resolve("auto", 32, torch.device("cpu"), 10, [(40,), (40,), (1,)], 4) is None   # sinusoid
