@@ -48,25 +48,26 @@ T sum_squares(const T* A, int64_t d, bool off_diagonal_only) {
   return total;
 }
 
-// One round of the shared parallel-order Jacobi, its three phases run serially.
+// One round of the shared parallel-order Jacobi, its four phases run serially.
 template <typename T>
-void jacobi_round(T* A, T* V, int64_t d, int64_t n, int64_t round, T* c, T* s) {
-  for (int64_t k = 0; k < n / 2; ++k) jacobi_pair_rotation(A, d, round, k, n, c[k], s[k]);
+void jacobi_round(T* A, T* V, int64_t d, int64_t n, int64_t round, JacobiRound<T> r) {
+  for (int64_t k = 0; k < n / 2; ++k) jacobi_pair_rotation(A, d, round, k, n, r);
   for (int64_t k = 0; k < n / 2; ++k) {
     int64_t p, q;
     jacobi_pair(round, k, n, p, q);
     if (q >= d) continue;
-    for (int64_t j = 0; j < d; ++j) jacobi_rotate_rows(A, d, p, q, c[k], s[k], j);
+    for (int64_t j = 0; j < d; ++j) jacobi_rotate_rows(A, d, p, q, r.c[k], r.s[k], j);
   }
   for (int64_t k = 0; k < n / 2; ++k) {
     int64_t p, q;
     jacobi_pair(round, k, n, p, q);
     if (q >= d) continue;
     for (int64_t i = 0; i < d; ++i) {
-      jacobi_rotate_cols(A, d, p, q, c[k], s[k], i);
-      jacobi_rotate_cols(V, d, p, q, c[k], s[k], i);
+      jacobi_rotate_cols(A, d, p, q, r.c[k], r.s[k], i);
+      jacobi_rotate_cols(V, d, p, q, r.c[k], r.s[k], i);
     }
   }
+  for (int64_t k = 0; k < n / 2; ++k) jacobi_set_block(A, d, round, k, n, r);
 }
 
 // Eigendecomposition of one d x d matrix M into ascending evals and column eigenvectors,
@@ -74,7 +75,9 @@ void jacobi_round(T* A, T* V, int64_t d, int64_t n, int64_t round, T* c, T* s) {
 template <typename T>
 int jacobi_eig(const T* M, int64_t d, T* evals, T* evecs) {
   const int64_t n = jacobi_even(d);
-  std::vector<T> A(M, M + d * d), V(d * d, T(0)), c(n / 2), s(n / 2);
+  std::vector<T> A(M, M + d * d), V(d * d, T(0)), rotations(2 * n);
+  const JacobiRound<T> r{rotations.data(), rotations.data() + n / 2, rotations.data() + n,
+                         rotations.data() + 3 * n / 2};
   for (int64_t i = 0; i < d; ++i) V[i * d + i] = T(1);
   const T norm_sq = sum_squares(A.data(), d, false);
   bool converged = false;
@@ -82,7 +85,7 @@ int jacobi_eig(const T* M, int64_t d, T* evals, T* evecs) {
     converged = jacobi_converged(sum_squares(A.data(), d, true), norm_sq, d);
     if (converged || sweep == kJacobiMaxSweeps) break;
     for (int64_t round = 0; round < n - 1; ++round)
-      jacobi_round(A.data(), V.data(), d, n, round, c.data(), s.data());
+      jacobi_round(A.data(), V.data(), d, n, round, r);
   }
   for (int64_t i = 0; i < d; ++i) {
     const int64_t r = ascending_rank(A.data(), d, i);

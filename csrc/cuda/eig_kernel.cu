@@ -29,29 +29,30 @@ __device__ T sum_squares(const T* A, int64_t d, bool off_diagonal_only) {
 }
 
 template <typename T>
-__device__ void jacobi_round(T* A, T* V, int64_t d, int64_t n, int64_t round, T* c, T* s) {
+__device__ void jacobi_round(T* A, T* V, int64_t d, int64_t n, int64_t round, JacobiRound<T> r) {
   const int64_t pairs = n / 2;
-  for (int64_t k = threadIdx.x; k < pairs; k += kThreads)
-    jacobi_pair_rotation(A, d, round, k, n, c[k], s[k]);
+  for (int64_t k = threadIdx.x; k < pairs; k += kThreads) jacobi_pair_rotation(A, d, round, k, n, r);
   __syncthreads();
   for (int64_t e = threadIdx.x; e < pairs * d; e += kThreads) {
     int64_t p, q;
     jacobi_pair(round, e / d, n, p, q);
-    if (q < d) jacobi_rotate_rows(A, d, p, q, c[e / d], s[e / d], e % d);
+    if (q < d) jacobi_rotate_rows(A, d, p, q, r.c[e / d], r.s[e / d], e % d);
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < pairs * d; e += kThreads) {
     int64_t p, q;
     jacobi_pair(round, e / d, n, p, q);
     if (q < d) {
-      jacobi_rotate_cols(A, d, p, q, c[e / d], s[e / d], e % d);
-      jacobi_rotate_cols(V, d, p, q, c[e / d], s[e / d], e % d);
+      jacobi_rotate_cols(A, d, p, q, r.c[e / d], r.s[e / d], e % d);
+      jacobi_rotate_cols(V, d, p, q, r.c[e / d], r.s[e / d], e % d);
     }
   }
   __syncthreads();
+  for (int64_t k = threadIdx.x; k < pairs; k += kThreads) jacobi_set_block(A, d, round, k, n, r);
+  __syncthreads();
 }
 
-// Dynamic shared memory: [A, V if in_shared] then the rotations c[n/2], s[n/2].
+// Dynamic shared memory: [A, V if in_shared] then the rotations c, s, diag_p, diag_q [n/2 each].
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     jacobi_eig_kernel(const T* M, T* evals, T* evecs, int* info, T* workspace, int64_t d,
@@ -62,8 +63,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.x;
   T* A = in_shared ? smem : workspace + b * 2 * d * d;
   T* V = A + d * d;
-  T* c = in_shared ? smem + 2 * d * d : smem;
-  T* s = c + n / 2;
+  T* rotations = in_shared ? smem + 2 * d * d : smem;
+  const JacobiRound<T> r{rotations, rotations + n / 2, rotations + n, rotations + 3 * n / 2};
 
   for (int64_t e = threadIdx.x; e < d * d; e += kThreads) {
     A[e] = M[b * d * d + e];
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int sweep = 0; sweep <= kJacobiMaxSweeps; ++sweep) {
     converged = jacobi_converged(sum_squares(A, d, true), norm_sq, d);
     if (converged || sweep == kJacobiMaxSweeps) break;
-    for (int64_t round = 0; round < n - 1; ++round) jacobi_round(A, V, d, n, round, c, s);
+    for (int64_t round = 0; round < n - 1; ++round) jacobi_round(A, V, d, n, round, r);
   }
   for (int64_t i = threadIdx.x; i < d; i += kThreads) {
     const int64_t r = ascending_rank(A, d, i);
@@ -91,7 +92,7 @@ void launch_jacobi(const at::Tensor& flat, const at::Tensor& evals, const at::Te
   const int64_t batch = flat.size(0);
   const int64_t d = flat.size(-1);
   if (batch == 0 || d == 0) return;
-  const int64_t rotations_bytes = jacobi_even(d) * static_cast<int64_t>(sizeof(T));
+  const int64_t rotations_bytes = 2 * jacobi_even(d) * static_cast<int64_t>(sizeof(T));
   const int64_t matrices_bytes = 2 * d * d * static_cast<int64_t>(sizeof(T));
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const int64_t limit = static_cast<int64_t>(props->sharedMemPerBlockOptin) - 1024;
