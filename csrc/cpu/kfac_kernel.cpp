@@ -342,21 +342,17 @@ void gram_grouped_cpu(const KfacPlan& plan, at::TensorList a, at::TensorList g) 
   const CpuPath path = cpu_path_from_env("LLAMA_FAST_CPU_GRAM", "portable", "blas");
   // One path for the whole call: a mix pays both paths' fixed costs and two trips to the
   // thread pool (sinusoid T=32: 160 us mixed, 135 us all BLAS).
-  const bool all_small = std::all_of(plan.problems.begin(), plan.problems.end(), prefers_portable);
-  std::vector<GramProblem> portable, blas;
-  std::vector<at::Tensor> blas_inputs;
-  for (size_t i = 0; i < plan.problems.size(); ++i) {
-    const GramProblem& p = plan.problems[i];
-    const bool use_portable = path == CpuPath::kFirst || (path == CpuPath::kAuto && all_small);
-    if (use_portable) {
-      portable.push_back(p);
-    } else {
-      blas.push_back(p);
-      blas_inputs.push_back(i % 2 == 0 ? a[i / 2] : g[i / 2]);
-    }
+  const bool use_portable =
+      path == CpuPath::kFirst ||
+      (path == CpuPath::kAuto &&
+       std::all_of(plan.problems.begin(), plan.problems.end(), prefers_portable));
+  if (use_portable) {
+    gram_portable<T>(plan.problems);
+    return;
   }
-  if (!portable.empty()) gram_portable<T>(portable);
-  if (!blas.empty()) gram_blas<T>(blas, blas_inputs);
+  std::vector<at::Tensor> inputs;
+  for (size_t i = 0; i < plan.problems.size(); ++i) inputs.push_back(i % 2 == 0 ? a[i / 2] : g[i / 2]);
+  gram_blas<T>(plan.problems, inputs);
 }
 
 // The column sums of the BLAS path read rows with unit column stride; other layouts are
