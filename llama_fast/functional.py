@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from . import backprop
+
 LOSSES = ("cross_entropy", "mse")
 FISHERS = ("exact", "mc", "empirical")
 KFAC_TYPES = (nn.Linear, nn.Conv2d)
@@ -73,13 +75,16 @@ class KfacLayer:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """The K-FAC layers of a network, its adapted ("fast") and fixed ("slow") parameters, and
-    whether every module is known to treat each example on its own (PER_EXAMPLE_TYPES)."""
+    """The K-FAC layers of a network, its adapted ("fast") and fixed ("slow") parameters,
+    whether every module is known to treat each example on its own (PER_EXAMPLE_TYPES), and,
+    for a nested nn.Sequential of known leaves, those leaves in execution order (the capture
+    then runs backprop.py's written-out reverse pass for all cotangents at once)."""
 
     layers: tuple
     fast: tuple
     slow: tuple
     per_example: bool = False
+    leaves: tuple | None = None
 
 
 def _conv_padding(module: nn.Conv2d, name: str):
@@ -128,7 +133,8 @@ def inspect_model(model: nn.Module) -> NetworkSpec:
     if not layers:
         raise ValueError("model has no nn.Linear or nn.Conv2d layer: nothing to adapt")
     per_example = all(_is_per_example(m) for m in model.modules())
-    return NetworkSpec(tuple(layers), tuple(fast), tuple(slow), per_example)
+    leaves = backprop.sequential_leaves(model, [l.name for l in layers], PER_EXAMPLE_TYPES)
+    return NetworkSpec(tuple(layers), tuple(fast), tuple(slow), per_example, leaves)
 
 
 def _is_per_example(module: nn.Module) -> bool:
@@ -280,6 +286,8 @@ class FunctionalNet:
 
     def __init__(self, model, spec: NetworkSpec, capture: Capture, loss: str):
         self.model, self.spec, self.capture, self.loss = model, spec, capture, loss
+        self.paddings = {l.name: _conv_padding(l.module, l.name) for l in spec.layers
+                         if isinstance(l.module, nn.Conv2d)}
 
     def forward(self, fast, rest, x):
         return functional_call(self.model, {**rest, **fast}, (x,), strict=False)
@@ -317,6 +325,26 @@ class FunctionalNet:
         pass without entering the rows; `out` then covers x and extra_x, in that order. It
         saves meta_step a second forward pass (the query's) where call overheads dominate.
         """
+        if self.spec.leaves is not None:
+            return self._capture_rows_stacked(fast, rest, x, y, fisher, noise, extra_x)
+        return self._capture_rows_vjp(fast, rest, x, y, fisher, layer_shapes, noise, extra_x)
+
+    def _capture_rows_stacked(self, fast, rest, x, y, fisher, noise, extra_x):
+        """capture_rows by backprop.py: one written-out reverse pass for all K cotangents."""
+        n = x.shape[0]
+        params = {**rest, **fast}
+        out, inputs = backprop.forward(self.spec.leaves, params, x if extra_x is None else torch.cat([x, extra_x]))
+        if extra_x is not None:   # per-example network: the support's rows alone
+            inputs = backprop.first_rows(inputs, n)
+        V = cotangents(out[:n], y, self.loss, fisher, noise)
+        gs = backprop.output_grads(self.spec.leaves, params, inputs, V, self.paddings)
+        layer_inputs = [a for a, (_, m) in zip(inputs, self.spec.leaves) if isinstance(m, KFAC_TYPES)]
+        rows = [layer_rows(layer, a, g.flatten(0, 1))   # g [K*N, ...], cotangent-major
+                for layer, a, g in zip(self.spec.layers, layer_inputs, gs)]
+        return out, [r[0] for r in rows], [r[1] for r in rows]
+
+    def _capture_rows_vjp(self, fast, rest, x, y, fisher, layer_shapes, noise, extra_x):
+        """capture_rows for any network: zero probes on the K-FAC outputs, one VJP per cotangent."""
         n = x.shape[0]
         if extra_x is not None:
             x = torch.cat([x, extra_x])

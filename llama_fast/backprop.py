@@ -1,0 +1,169 @@
+"""A Sequential network's reverse pass written out layer by layer, for K cotangents at once.
+
+LLAMA's G factors need, for each of K cotangents on the network output (C - 1 of them for the
+exact softmax Fisher), the gradient with respect to every K-FAC layer's pre-activation output,
+and the meta-gradient then differentiates through those gradients (a double backward).
+Autograd's VJP serves one cotangent per pass, so K passes replay the whole backward graph and
+the meta-gradient replays its double backward K times, BatchNorm's composite double backward
+included: on the CPU, for 5 support images, that is mostly per-op overhead. Here each leaf's
+reverse step is an ordinary differentiable torch expression with a leading cotangent dim, so
+one pass serves all K and its double backward is ordinary autograd over K-batched ops.
+
+It applies to a (nested) ``torch.nn.Sequential`` whose leaves have a known reverse step:
+Linear, Conv2d, BatchNorm with batch statistics (how functional_mode runs it) and the
+parameter-free per-example modules of ``functional.PER_EXAMPLE_TYPES``. ``sequential_leaves``
+returns None for any other network, which then keeps the VJP path.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _torch_module(module: nn.Module) -> bool:
+    """A module of torch.nn itself (a user's subclass may override forward)."""
+    return type(module).__module__.startswith("torch.nn.modules.")
+
+
+def _walk(module: nn.Module, path: str, leaves: list) -> bool:
+    """Append the leaves of a Sequential tree in execution order; False if it is not one."""
+    if type(module) is nn.Sequential:
+        for name, child in module._modules.items():   # keeps a module listed twice, twice
+            if child is None or not _walk(child, f"{path}.{name}" if path else name, leaves):
+                return False
+        return True
+    leaves.append((path, module))
+    return True
+
+
+def sequential_leaves(model: nn.Module, kfac_names, supported_types) -> tuple | None:
+    """((path, module), ...) of `model`'s leaves in execution order, or None where the written-out
+    reverse pass does not apply: `model` is not a nested nn.Sequential, a leaf is not a torch.nn
+    module of `supported_types` or BatchNorm, a leaf works in place, or the K-FAC leaves are not
+    exactly `kfac_names` in order (a K-FAC layer listed twice)."""
+    leaves = []
+    if type(model) is not nn.Sequential or not _walk(model, "", leaves):
+        return None
+    for _, module in leaves:
+        if not _torch_module(module) or getattr(module, "inplace", False):
+            return None
+        if not isinstance(module, (*supported_types, nn.modules.batchnorm._BatchNorm)):
+            return None
+    kfac = [path for path, module in leaves if isinstance(module, (nn.Linear, nn.Conv2d))]
+    return tuple(leaves) if tuple(kfac) == tuple(kfac_names) else None
+
+
+def _param(params, path, name):
+    return params.get(f"{path}.{name}")
+
+
+def forward(leaves, params, x):
+    """(output, inputs): the network on x with `params` (names as in named_parameters), and
+    per leaf its input (the graph kept for the meta-gradient) or, for MaxPool2d, the pair
+    (input, argmax indices)."""
+    inputs = []
+    for path, module in leaves:
+        inputs.append(x)
+        if type(module) is nn.MaxPool2d and not module.return_indices:
+            x, indices = F.max_pool2d(x, module.kernel_size, module.stride, module.padding,
+                                      module.dilation, ceil_mode=module.ceil_mode, return_indices=True)
+            inputs[-1] = (inputs[-1], indices)
+            continue
+        if isinstance(module, nn.Linear):
+            x = F.linear(x, _param(params, path, "weight"), _param(params, path, "bias"))
+        elif isinstance(module, nn.Conv2d):
+            x = module._conv_forward(x, _param(params, path, "weight"), _param(params, path, "bias"))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module._check_input_dim(x)
+            x = F.batch_norm(x, None, None, _param(params, path, "weight"), _param(params, path, "bias"),
+                             True, 0.0, module.eps)   # batch statistics, no running stats
+        else:
+            x = module(x)
+    return x, inputs
+
+
+def first_rows(inputs, n):
+    """`forward`'s inputs restricted to the first n examples (per-example networks)."""
+    return [tuple(t[:n] for t in x) if isinstance(x, tuple) else x[:n] for x in inputs]
+
+
+def _conv_input_grad(module, weight, padding, x, g):
+    """d/dx of conv2d(x) against g [K, N, O, h, w]: the transposed convolution; with stride 1,
+    as a convolution with the flipped kernel (on the CPU, conv_transpose2d takes a slow path:
+    Conv-4's 20 x 64 x 14 x 14 case 3.3 ms against 0.7 ms)."""
+    flat = g.flatten(0, 1)
+    reach = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    if tuple(module.stride) == (1, 1) and all(0 <= r - p for r, p in zip(reach, padding)):
+        flipped = weight.flip(-2, -1).transpose(0, 1)
+        grad = F.conv2d(flat, flipped, None, 1, [r - p for r, p in zip(reach, padding)], module.dilation)
+        return grad.unflatten(0, g.shape[:2])
+    output_padding = tuple(
+        size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+        for size, out, s, p, d, k in zip(x.shape[-2:], g.shape[-2:], module.stride, padding,
+                                          module.dilation, module.kernel_size))
+    grad = F.conv_transpose2d(flat, weight, None, module.stride, padding, output_padding, 1,
+                              module.dilation)
+    return grad.unflatten(0, g.shape[:2])
+
+
+def _batch_norm_input_grad(module, weight, x, g):
+    """d/dx of batch-statistics BatchNorm against g [K, N, C, ...]:
+    (gamma / sigma) (g - mean(g) - xhat mean(g xhat)), means per channel over the batch and
+    positions, recomputed from x so that the meta-gradient flows through x."""
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True)
+    inv_std = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + module.eps)
+    xhat = (x - mean) * inv_std
+    g_dims = [d + 1 for d in dims]
+    centred = g - g.mean(g_dims, keepdim=True) - xhat * (g * xhat).mean(g_dims, keepdim=True)
+    if weight is not None:
+        inv_std = inv_std * weight.view(-1, *[1] * (x.dim() - 2))
+    return inv_std * centred
+
+
+def _max_pool_input_grad(x, indices, g):
+    """d/dx of max_pool2d against g [K, N, C, h, w]: g scattered to the argmax positions."""
+    k = g.shape[0]
+    flat_idx = indices.flatten(-2).expand(k, *indices.shape[:-2], -1)
+    grad = g.new_zeros(k, *x.shape[:-2], x.shape[-2] * x.shape[-1])
+    return grad.scatter_add(-1, flat_idx, g.flatten(-2)).view(k, *x.shape)
+
+
+def _generic_input_grad(module, x, g):
+    """d/dx of a parameter-free per-example module: its VJP on K stacked copies of x."""
+    k, n = g.shape[:2]
+    stacked = x.unsqueeze(0).expand(k, *x.shape).reshape(k * n, *x.shape[1:])
+    _, vjp_fn = torch.func.vjp(module, stacked)
+    return vjp_fn(g.flatten(0, 1))[0].unflatten(0, (k, n))
+
+
+def _input_grad(path, module, params, padding, x, g):
+    if isinstance(module, nn.Linear):
+        return g @ _param(params, path, "weight")
+    if isinstance(module, nn.Conv2d):
+        return _conv_input_grad(module, _param(params, path, "weight"), padding, x, g)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _batch_norm_input_grad(module, _param(params, path, "weight"), x, g)
+    if isinstance(x, tuple):                    # MaxPool2d: (input, indices)
+        return _max_pool_input_grad(*x, g)
+    if isinstance(module, nn.ReLU):
+        return g * (x > 0).to(g.dtype)          # torch's ReLU passes the gradient where x > 0
+    if isinstance(module, (nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd)):
+        return g.reshape(g.shape[0], *x.shape)  # reshapes; Dropout is off (functional_mode)
+    return _generic_input_grad(module, x, g)
+
+
+def output_grads(leaves, params, inputs, cotangents, paddings):
+    """Per K-FAC leaf, in order, the gradient [K, N, ...] of <cotangents[k], output> with
+    respect to its output, for all K cotangents [K, N, ...] at once (differentiable).
+    `paddings` maps each Conv2d path to its numeric zero padding."""
+    kfac_at = [i for i, (_, m) in enumerate(leaves) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    grads, g = [], cotangents
+    for i in range(len(leaves) - 1, kfac_at[0] - 1, -1):
+        path, module = leaves[i]
+        if i in kfac_at:
+            grads.append(g)
+            if i == kfac_at[0]:
+                break                            # nothing below the first K-FAC layer is needed
+        g = _input_grad(path, module, params, paddings.get(path), inputs[i], g)
+    return grads[::-1]
