@@ -64,7 +64,11 @@ CASES = {
     "conv4": lambda rng: (conv4(rng), images(rng, 2, 6, 4, 16), "cross_entropy"),
     "conv_net": lambda rng: (conv_net(rng), images(rng, 2, 5, 3, 19), "cross_entropy"),
     "bn_mlp": lambda rng: (bn_mlp(rng), vectors(rng, 3, 7, 4, 2, 3, "cross_entropy"), "cross_entropy"),
-    # per-example, the query riding in the capture pass; MSE with 3 outputs: K = 3
+    # per-example (the query rides in the capture pass, its max-pool indices sliced off)
+    "pool_net": lambda rng: (seeded(rng) or nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).to(DT),
+        images(rng, 2, 5, 3, 10, classes=4), "cross_entropy"),
+    # per-example; MSE with 3 outputs: K = 3
     "mlp_mse": lambda rng: (nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT),
                             vectors(rng, 3, 4, 5, 2, 3, "mse"), "mse"),
 }
@@ -83,7 +87,8 @@ def test_stacked_reverse_pass_matches_vjp_path(case, fisher, rng, monkeypatch):
     """Same meta-loss, log-dets and meta-gradients (through the K-FAC factors of every layer)
     as the per-cotangent VJP path, float64, two inner steps."""
     model, batch, loss = CASES[case](rng)
-    assert lf.meta.inspect_model(model).leaves is not None
+    spec = lf.meta.inspect_model(model)
+    assert spec.leaves is not None and spec.per_example == (case in ("pool_net", "mlp_mse"))
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     kw = dict(algorithm="llama", loss=loss, inner_lr=0.1, inner_steps=2, eta=0.3, damping=0.5,
               fisher=fisher)
