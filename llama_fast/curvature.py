@@ -15,7 +15,11 @@ Low-rank ``A = s_a * R^T R`` (R = abar rows ``[T, N, i']``) is never materialise
 dual's eigendecomposition ``s_a R R^T = U diag(Lambda) U^T``, the orthonormal eigenvectors of A
 with nonzero eigenvalues are ``V_A = sqrt(s_a) R^T U Lambda^(-1/2)`` (``[T, i', N]``; columns
 of Lambda below ``N_max * eps * max Lambda`` are treated as zeros and dropped, i.e. zeroed), and
-every direction orthogonal to them has eigenvalue 0 (precision exactly ``delta`` there).
+every direction orthogonal to them has eigenvalue 0 (precision exactly ``delta`` there). A G
+built from fewer rows M than its width o (``g`` rows ``[T, M, o]``, no bias column) is held the
+same way. With bases V_G, V_A (the full eigenvectors for a dense factor), H acts as
+``s mu lambda + delta`` on ``V_G C V_A^T`` and as ``delta`` on the rest,
+``V - V_G (V_G^T V V_A) V_A^T``; sampling and solves use exactly that split.
 """
 
 import copy
@@ -53,15 +57,18 @@ def _damping_tensor(damping, tasks, like, check):
 
 
 def _check_factors(A_list, G_list, check):
-    """Each factor a [T, d, d] float tensor (an A may be a LowRankFactor: its rows are checked),
+    """Each factor a [T, d, d] float tensor (or a LowRankFactor: its rows are checked; a G's
+    without a bias column),
     all with one T, dtype and device; with `check`, finite and symmetric. Returns T."""
     names, tensors = [], []
     T = None
     for l, (A, G) in enumerate(zip(A_list, G_list)):
         for x, kind in ((A, "A"), (G, "G")):
             name = f"{kind}[{l}]" if len(A_list) > 1 else kind
-            low_rank = isinstance(x, LowRankFactor) and kind == "A"
+            low_rank = isinstance(x, LowRankFactor)
             if low_rank:
+                if kind == "G" and x.bias:
+                    raise ValueError(f"{name} is a LowRankFactor with bias=True; G's rows have no bias column")
                 x, name = x.rows, f"{name}.rows"
             _checks.check_tensor(x, name, ndim=3)
             if not low_rank and x.shape[1] != x.shape[2]:
@@ -98,7 +105,7 @@ class KronCurvature:
 
     Args:
         A, G: factors as for :func:`llama_fast.kron_logdet` (tensors ``[T, d, d]``, lists of
-            them, a list of ``(A, G)`` pairs; an ``A`` may be a ``LowRankFactor``).
+            them, a list of ``(A, G)`` pairs; an ``A`` or ``G`` may be a ``LowRankFactor``).
         damping: ``delta > 0``: a float or a per-task tensor ``[T]``.
         scale: ``s > 0``.
         mode: "exact".
@@ -106,7 +113,7 @@ class KronCurvature:
 
     Attributes:
         evals_A, evecs_A, evals_G, evecs_G: per-layer eigendecompositions (ascending), detached.
-            For a low-rank ``A`` they are those of its dual Gram matrix ``[T, N, N]``.
+            For a low-rank factor they are those of its dual Gram matrix ``[T, N, N]``.
         damping: the per-task damping tensor ``[T]``.
     """
 
@@ -116,16 +123,16 @@ class KronCurvature:
                              "(kron_logdet also has mode='factored')")
         A_list, G_list, self.tasks, self.damping, self.scale = prepare_factors(A, G, damping, scale, check)
         self.factors_A, self.factors_G = A_list, G_list
-        dense_A = [x.dual() if isinstance(x, LowRankFactor) else x for x in A_list]
-        out = torch.ops.llama_fast.kron_logdet_exact(dense_A, G_list, self.damping, self.scale)
+        dense_A, dense_G = ([x.dual() if isinstance(x, LowRankFactor) else x for x in xs] for xs in (A_list, G_list))
+        out = torch.ops.llama_fast.kron_logdet_exact(dense_A, dense_G, self.damping, self.scale)
         self._logdet = out[0] + self._null_pairs() * torch.log(self.damping)
         self.evals_A, self.evecs_A, self.evals_G, self.evecs_G = (list(x) for x in out[1:])
 
     def _null_pairs(self) -> int:
-        """Eigenvalue pairs (lambda, mu) that low-rank factors leave out: lambda is an exact zero
-        there, so each contributes log(delta)."""
-        return sum((A.width - A.rank_bound) * G.shape[-1]
-                   for A, G in zip(self.factors_A, self.factors_G) if isinstance(A, LowRankFactor))
+        """Eigenvalue pairs (lambda, mu) that low-rank factors leave out: one of them is an exact
+        zero there, so each contributes log(delta)."""
+        return sum(A.shape[-1] * G.shape[-1] - _rank(A) * _rank(G)
+                   for A, G in zip(self.factors_A, self.factors_G))
 
     @property
     def layers(self) -> int:
@@ -197,37 +204,38 @@ class KronCurvature:
                                  f"{self.device}, got {x.dtype} on {x.device}")
         return list(X), single
 
-    def _rows_bar(self, l):
-        """R = abar rows [T, N, i'] of a low-rank A (the bias column of ones appended)."""
-        A = self.factors_A[l]
-        rows = A.rows.detach()
-        if A.bias:
-            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-        return rows
+    def _low_rank(self, l):
+        """(A is low-rank, G is low-rank) for layer l."""
+        return isinstance(self.factors_A[l], LowRankFactor), isinstance(self.factors_G[l], LowRankFactor)
 
-    def _low_rank_basis(self, l):
-        """(V_A [T, i', N], Lambda [T, N]) of a low-rank A, cached: orthonormal eigenvectors
-        of the nonzero eigenvalues; dropped (tiny) ones have a zero column and Lambda 0."""
+    def _basis(self, l, kind):
+        """(V [T, width, r], eigenvalues [T, r]) of layer l's factor `kind` ("A" or "G"): for a
+        dense factor its eigendecomposition; for a low-rank one (cached) the orthonormal
+        eigenvectors of the nonzero eigenvalues, dropped (tiny) ones a zero column and 0."""
+        factor = (self.factors_A if kind == "A" else self.factors_G)[l]
+        evals = (self.evals_A if kind == "A" else self.evals_G)[l].detach()
+        evecs = (self.evecs_A if kind == "A" else self.evecs_G)[l].detach()
+        if not isinstance(factor, LowRankFactor):
+            return evecs, evals
         cache = self.__dict__.setdefault("_basis_cache", {})
-        if l not in cache:
-            A = self.factors_A[l]
-            lam, U = self.evals_A[l].detach(), self.evecs_A[l].detach()
-            tol = lam.amax(-1, keepdim=True).clamp_min(0) * max(lam.shape[-1], 1) * torch.finfo(lam.dtype).eps
-            keep = lam > tol
-            lam = torch.where(keep, lam, torch.zeros_like(lam))
+        if (kind, l) not in cache:
+            tol = evals.amax(-1, keepdim=True).clamp_min(0) * max(evals.shape[-1], 1) * torch.finfo(evals.dtype).eps
+            keep = evals > tol
+            lam = torch.where(keep, evals, torch.zeros_like(evals))
             inv_root = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), torch.zeros_like(lam))
-            V = math.sqrt(A.scale) * (self._rows_bar(l).mT @ U) * inv_root.unsqueeze(-2)
-            cache[l] = (V, lam)
-        return cache[l]
+            V = math.sqrt(factor.scale) * (_rows_bar(factor).mT @ evecs) * inv_root.unsqueeze(-2)
+            cache[(kind, l)] = (V, lam)
+        return cache[(kind, l)]
 
     def sample(self, mean, num_samples=1, generator=None):
         """Draws ``phi ~ N(mean, H^-1)`` for every task and layer.
 
         Per layer ``phi = mean + Q_G [Z * (s mu lambda^T + delta)^(-1/2)] Q_A^T``, Z iid N(0, 1)
         from ``generator`` (a ``torch.Generator`` on the factors' device) or the device's
-        default generator (``torch.manual_seed`` governs it). Low-rank ``A``: ``Q_G [Z_1 *
-        (s mu Lambda^T + delta)^(-1/2)] V_A^T + delta^(-1/2) (Z_2 - Z_2 V_A V_A^T)``, with no
-        i' x i' matrix formed. All layers' normals come from one op call.
+        default generator (``torch.manual_seed`` governs it). Low-rank factors: ``V_G [Z_1 *
+        (s mu Lambda^T + delta)^(-1/2)] V_A^T + delta^(-1/2) (Z_2 - V_G V_G^T Z_2 V_A V_A^T)``
+        (V_G = Q_G for a dense G, and so on), with no i' x i' matrix formed. All layers'
+        normals come from one op call.
 
         Args:
             mean: ``[T, o, i']`` for a one-layer curvature, or a list with one per layer.
@@ -249,51 +257,56 @@ class KronCurvature:
                 raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
             if generator.device.type != self.device.type:
                 raise ValueError(f"generator is on {generator.device} but the factors are on {self.device}")
-        evals_A, evals_G, null_layers, null_A = [], [], [], []
-        for l, A in enumerate(self.factors_A):
-            mu = self.evals_G[l].detach()
+        evals_A, evals_G, null_layers, null_A, null_G = [], [], [], [], []
+        for l in range(self.layers):
+            (_, lam), (_, mu) = self._basis(l, "A"), self._basis(l, "G")
+            evals_A.append(lam)
             evals_G.append(mu)
-            if isinstance(A, LowRankFactor):
-                evals_A.append(self._low_rank_basis(l)[1])
-                # Extra op entries with zero eigenvalues: normals scaled by delta^(-1/2) for the
-                # null space of A.
+            if any(self._low_rank(l)):
+                # Extra op entries with zero eigenvalues: normals scaled by delta^(-1/2) for
+                # the directions outside span(V_G) (x) span(V_A).
                 null_layers.append(l)
-                null_A.append(mu.new_zeros(self.tasks, A.width))
-            else:
-                evals_A.append(self.evals_A[l].detach())
+                o, i = self.layer_shape(l)
+                null_A.append(mu.new_zeros(self.tasks, i))
+                null_G.append(mu.new_zeros(self.tasks, o))
         Z = torch.ops.llama_fast.kron_scaled_normal(
-            evals_A + null_A, evals_G + [evals_G[l] for l in null_layers],
-            self.damping.detach(), self.scale, S, generator)
+            evals_A + null_A, evals_G + null_G, self.damping.detach(), self.scale, S, generator)
         Z_null = dict(zip(null_layers, Z[self.layers:]))
         out = []
-        for l, A in enumerate(self.factors_A):
-            Q_G = self.evecs_G[l].detach()
-            if isinstance(A, LowRankFactor):
-                V, _ = self._low_rank_basis(l)
-                GZ = _fold(torch.matmul(Q_G, Z[l]))  # [T, S*o, a]
+        for l in range(self.layers):
+            (V_A, _), (V_G, _) = self._basis(l, "A"), self._basis(l, "G")
+            low_A, low_G = self._low_rank(l)
+            if low_G:
+                # E = Zn + V_G [Z_1 - V_G^T Zn V_A] V_A^T (small layers: G narrower than its rows)
+                Zn = Z_null[l]
+                E = Zn + V_G @ (Z[l] - V_G.mT @ Zn @ V_A) @ V_A.mT
+                out.append(E + means[l])
+            elif low_A:
+                GZ = _fold(torch.matmul(V_G, Z[l]))  # [T, S*o, a]
                 Zn = _fold(Z_null[l])  # [T, S*o, i']
-                # E = Zn + (Q_G Z_1 - Zn V) V^T: one product with V^T for both parts.
-                E = _unfold(torch.baddbmm(Zn, GZ - torch.bmm(Zn, V), V.mT), S)
+                # The same with V_G = Q_G square (V_G V_G^T = I): E = Zn + (Q_G Z_1 - Zn V_A) V_A^T,
+                # one product with V_A^T for both parts.
+                E = _unfold(torch.baddbmm(Zn, GZ - torch.bmm(Zn, V_A), V_A.mT), S)
                 out.append(E.contiguous() + means[l])
             else:
-                out.append(_rotate_draws(Q_G, Z[l], self.evecs_A[l].detach(), means[l]))
+                out.append(_rotate_draws(V_G, Z[l], V_A, means[l]))
         return out[0] if single else out
 
-    def _eig_denominator(self, l, lam):
+    def _eig_denominator(self, mu, lam):
         """s * mu lambda^T + delta, [T, o, a] (negative round-off clamped to 0)."""
-        mu = self.evals_G[l].detach().clamp_min(0)
-        return self.scale * mu.unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2) + self.damping.detach()[:, None, None]
+        return (self.scale * mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)
+                + self.damping.detach()[:, None, None])
 
     def solve(self, V):
         """``H^-1 v`` per layer: ``Q_G [(Q_G^T V Q_A) / (s mu lambda^T + delta)] Q_A^T``; for a
-        low-rank A, the part of V in span(V_A) that way and ``(V - V V_A V_A^T) / delta`` for the
-        rest. ``V``: ``[..., T, o, i']`` (or a list per layer); returns the same structure.
+        low-rank factor, the part of V in span(V_G) (x) span(V_A) that way and
+        ``(V - V_G V_G^T V V_A V_A^T) / delta`` for the rest. ``V``: ``[..., T, o, i']`` (or a list per layer); returns the same structure.
         Constants: the factors (no gradient to them); linear in V (differentiable)."""
         return self._map_layers(V, self._solve_layer)
 
     def precision_matvec(self, V):
         """``H v = s * G V A + delta * V`` per layer (a low-rank ``A = s_a R^T R`` through its
-        rows: ``s_a (V R^T) R``, never i' x i'). ``V``: ``[..., T, o, i']`` (or a list per
+        rows: ``s_a (V R^T) R``, never i' x i'; a low-rank G likewise). ``V``: ``[..., T, o, i']`` (or a list per
         layer); returns the same structure. The factors are constants (detached)."""
         return self._map_layers(V, self._precision_layer)
 
@@ -306,32 +319,51 @@ class KronCurvature:
 
     def _solve_layer(self, l, X4):
         B = X4.shape[0]
-        Q_G = self.evecs_G[l].detach()
+        (V_A, lam), (V_G, mu) = self._basis(l, "A"), self._basis(l, "G")
         delta = self.damping.detach()[:, None, None]
-        if isinstance(self.factors_A[l], LowRankFactor):
-            V_A, lam = self._low_rank_basis(l)
+        low_A, low_G = self._low_rank(l)
+        if low_G:
+            # V_G [Y / denominator] V_A^T + (X - V_G Y V_A^T) / delta, Y = V_G^T X V_A
+            Y = V_G.mT @ X4 @ V_A
+            return X4 / delta + V_G @ (Y / self._eig_denominator(mu, lam) - Y / delta) @ V_A.mT
+        if low_A:
             Xf = _fold(X4)
             Y = torch.bmm(Xf, V_A)  # [T, B*o, N]
-            core = torch.matmul(Q_G.mT, _unfold(Y, B)) / self._eig_denominator(l, lam)
+            core = torch.matmul(V_G.mT, _unfold(Y, B)) / self._eig_denominator(mu, lam)
             # (X - Y V_A^T) / delta + (Q_G core) V_A^T
-            R = torch.baddbmm(Xf / delta, _fold(torch.matmul(Q_G, core)) - Y / delta, V_A.mT)
+            R = torch.baddbmm(Xf / delta, _fold(torch.matmul(V_G, core)) - Y / delta, V_A.mT)
         else:
-            Q_A = self.evecs_A[l].detach()
-            core = torch.matmul(Q_G.mT, _unfold(torch.bmm(_fold(X4), Q_A), B))
-            core = core / self._eig_denominator(l, self.evals_A[l].detach())
-            R = torch.bmm(_fold(torch.matmul(Q_G, core)), Q_A.mT)
+            core = torch.matmul(V_G.mT, _unfold(torch.bmm(_fold(X4), V_A), B))
+            R = torch.bmm(_fold(torch.matmul(V_G, core / self._eig_denominator(mu, lam))), V_A.mT)
         return _unfold(R, B)
 
     def _precision_layer(self, l, X4):
-        A = self.factors_A[l]
-        G = self.factors_G[l].detach()
+        A, G = self.factors_A[l], self.factors_G[l]
         if isinstance(A, LowRankFactor):
-            R = self._rows_bar(l)
+            R = _rows_bar(A)
             XA = A.scale * torch.bmm(torch.bmm(_fold(X4), R.mT), R)
         else:
             XA = torch.bmm(_fold(X4), A.detach())
-        GXA = torch.matmul(G, _unfold(XA, X4.shape[0]))
+        XA = _unfold(XA, X4.shape[0])
+        if isinstance(G, LowRankFactor):
+            R = G.rows.detach()
+            GXA = G.scale * (R.mT @ (R @ XA))
+        else:
+            GXA = torch.matmul(G.detach(), XA)
         return self.scale * GXA + self.damping.detach()[:, None, None] * X4
+
+
+def _rank(factor) -> int:
+    """Rows of a LowRankFactor (its rank bound), the width of a dense one."""
+    return factor.rank_bound if isinstance(factor, LowRankFactor) else factor.shape[-1]
+
+
+def _rows_bar(factor):
+    """The detached rows [T, N, width] of a LowRankFactor, its bias column of ones appended."""
+    rows = factor.rows.detach()
+    if factor.bias:
+        rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+    return rows
 
 
 def _rotate_draws(Q_G, Z, Q_A, mean):

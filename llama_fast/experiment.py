@@ -153,8 +153,8 @@ def laplace_evidence(post, model, support_y_nll, grid=DAMPING_GRID) -> torch.Ten
     theta = dict(model.named_parameters())
     sq_dist = sum(((post.params[k] - theta[k].detach()) ** 2).flatten(1).sum(1) for k in post.params)
     P = _kfac_parameter_count(model)
-    # The eigenvalues cached by the posterior's KronCurvature (low-rank A: those of its dual
-    # Gram matrix, the other pairs are exact zeros and add log(delta) each).
+    # The eigenvalues cached by the posterior's KronCurvature (a low-rank A or G: those of its
+    # dual Gram matrix, the other pairs hold an exact zero and add log(delta) each).
     curv = post.curvature
     products = [curv.scale * (mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)).flatten(1)
                 for lam, mu in zip(curv.evals_A, curv.evals_G)]

@@ -32,7 +32,7 @@ def _as_layer_lists(a, g, names=("a", "g")):
     `names` are the caller's argument names, for error messages."""
     na, ng = names
     if isinstance(a, (torch.Tensor, LowRankFactor)):
-        if not isinstance(g, torch.Tensor):
+        if not isinstance(g, (torch.Tensor, LowRankFactor)):
             raise TypeError(f"{ng} must be a torch.Tensor when {na} is one, got {type(g).__name__}")
         return [a], [g], True
     if not isinstance(a, Sequence):
@@ -92,9 +92,11 @@ def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finit
         a_scale: scale of A; ``None`` means ``1/N`` of that layer (float or one per layer).
         g_scale: scale of G (float or one per layer).
         check_finite: raise ``ValueError`` if an input holds NaN or Inf (one host sync).
-        low_rank: hand over every A built from fewer rows than its width (N < i + bias) as a
-            :class:`~llama_fast.LowRankFactor` instead of a dense matrix; kron_logdet and
-            KronCurvature then take its eigenvalues from the N x N dual Gram matrix.
+        low_rank: hand over every A built from fewer rows than its width (N < i + bias), and
+            every G built from fewer rows than its width (M < o), as a
+            :class:`~llama_fast.LowRankFactor` instead of a dense matrix; kron_logdet,
+            KronCurvature and kron_sample then take its eigenvalues from the small dual Gram
+            matrix (computed in the same launch) and give its null space exactly delta.
 
     Returns:
         ``(A, G)`` with ``A [T, i+bias, i+bias]`` and ``G [T, o, o]``; for list input, two
@@ -116,7 +118,7 @@ def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finit
 
 
 def _grouped_factors(a_list, g_list, bias, a_scale, g_scale, low_rank):
-    """One grouped op call for all layers; low-rank A's come back as LowRankFactor."""
+    """One grouped op call for all layers; low-rank A's and G's come back as LowRankFactor."""
     layers = len(a_list)
     biases = [bool(b) for b in _checks.per_layer(bias, layers, "bias")]
     a_scales = _scales(a_scale, layers, "a_scale", rows=[x.shape[1] for x in a_list])
@@ -125,11 +127,14 @@ def _grouped_factors(a_list, g_list, bias, a_scale, g_scale, low_rank):
         A, G = _KFAC_OP(a_list, g_list, biases, a_scales, g_scales)
         return list(A), list(G)
     thin = [x.shape[1] < x.shape[2] + b for x, b in zip(a_list, biases)]
+    thin_g = [x.shape[1] < x.shape[2] for x in g_list]
     # A low-rank layer's slot in the grouped launch computes its dual Gram matrix instead:
     # the rows transposed, without the bias column, give s * a a^T; abar's ones add s.
     a_launch = [x.transpose(1, 2) if t else x for x, t in zip(a_list, thin)]
     b_launch = [b and not t for b, t in zip(biases, thin)]
-    A, G = _KFAC_OP(a_launch, g_list, b_launch, a_scales, g_scales)
+    g_launch = [x.transpose(1, 2) if t else x for x, t in zip(g_list, thin_g)]
+    A, G = _KFAC_OP(a_launch, g_launch, b_launch, a_scales, g_scales)
     A = [LowRankFactor(x, b, s, dual=K + s if b else K) if t else K
          for x, b, s, t, K in zip(a_list, biases, a_scales, thin, A)]
-    return A, list(G)
+    G = [LowRankFactor(x, False, s, dual=K) if t else K for x, s, t, K in zip(g_list, g_scales, thin_g, G)]
+    return A, G

@@ -61,6 +61,7 @@ def _factored_logdet(A_list, G_list, delta, scale):
     total = 0
     for A, G in zip(A_list, G_list):
         A = A.dense() if isinstance(A, LowRankFactor) else A
+        G = G.dense() if isinstance(G, LowRankFactor) else G
         A_damped, G_damped = factored_damping(A, scale * G, delta)
         total = total + G.shape[-1] * chol_logdet(A_damped) + A.shape[-1] * chol_logdet(G_damped)
     return total
@@ -72,7 +73,8 @@ def kron_logdet(A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False)
     Args:
         A, G: Kronecker factors ``[T, a, a]`` and ``[T, g, g]`` (symmetric PSD), or lists of
             them (one per layer), or ``A`` a list of ``(A, G)`` pairs. An ``A`` may be a
-            :class:`~llama_fast.LowRankFactor` (``kfac_factors(..., low_rank=True)``).
+            :class:`~llama_fast.LowRankFactor` (``kfac_factors(..., low_rank=True)``), and so may
+            a ``G`` (rows without a bias column).
         damping: ``delta > 0``, the prior precision: a float or a per-task tensor ``[T]``.
         scale: ``s``, the likelihood scale (temperature).
         mode: "exact" (the eigenvalue form above) or "factored": Martens & Grosse's

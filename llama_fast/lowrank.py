@@ -1,4 +1,5 @@
-"""Low-rank K-FAC input factors: A = s * abar^T abar held through its N rows, N < width.
+"""Low-rank K-FAC factors: A = s * abar^T abar held through its N rows, N < width (and
+likewise a G = s * g^T g from fewer rows than its width, without a bias column).
 
 With 1-shot and 5-shot support sets the input factor of a wide layer is built from fewer rows
 than its width (Conv-4's 577-wide conv factors from 45 or 245 rows at 5-way 1-shot, a 1601-wide

@@ -251,23 +251,13 @@ def split_params(model, spec, params=None):
 
 
 def curvature_logdet(a, g, biases, damping, scale, backend):
-    """Per-task log det H from the captured rows: one batched call for all layers."""
+    """Per-task log det H from the captured rows: one batched call for all layers. A factor
+    built from fewer rows than its width (the sinusoid's 40-wide G's from 10 support points,
+    Conv-4's 577-wide A's from 45 or 245 patch rows) comes as a LowRankFactor whose dual Gram
+    matrix the same launch computes."""
     if backend == "kernels":
-        # A G built from fewer rows M than its width o (the sinusoid MLP's 40-wide G's from 10
-        # support points) is given to the log-det as its dual g g^T ([T, M, M]: the same
-        # nonzero eigenvalues, a 10 x 10 instead of a 40 x 40 eigendecomposition), computed in
-        # the grouped launch from the transposed rows. G's o - M exact zero eigenvalues, each
-        # paired with every eigenvalue of A, add log(delta) apiece.
-        narrow = [x.shape[-2] < x.shape[-1] for x in g]
-        g_launch = [x.transpose(1, 2) if n else x for x, n in zip(g, narrow)]
-        A, G = kfac_factors(a, g_launch, bias=biases, low_rank=True)
-        logdet = kron_logdet(A, G, damping=damping, scale=scale)
-        null_pairs = sum((x.shape[-1] - x.shape[-2]) * A_l.shape[-1]
-                         for x, A_l, n in zip(g, A, narrow) if n)
-        if null_pairs:
-            log_delta = torch.log(damping) if isinstance(damping, torch.Tensor) else math.log(damping)
-            logdet = logdet + null_pairs * log_delta
-        return logdet
+        A, G = kfac_factors(a, g, bias=biases, low_rank=True)
+        return kron_logdet(A, G, damping=damping, scale=scale)
     A, G = reference.kfac_factors(a, g, bias=biases)
     return reference.kron_logdet(A, G, damping=damping, scale=scale)
 

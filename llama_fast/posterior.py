@@ -31,7 +31,7 @@ class TaskPosterior:
         params: adapted ("fast") parameters by name, each ``[T, *shape]``.
         fixed: the other tensors functional_call needs (BatchNorm parameters, buffers),
             unbatched: the point estimate shared by all tasks.
-        A, G: per-layer Kronecker factors ``[T, i', i']`` and ``[T, o, o]``; an ``A`` built
+        A, G: per-layer Kronecker factors ``[T, i', i']`` and ``[T, o, o]``; a factor built
             from fewer support rows than its width is a :class:`~llama_fast.LowRankFactor`
             (``.dense()`` materialises it).
         curvature: the :class:`~llama_fast.KronCurvature` (cached eigendecompositions).

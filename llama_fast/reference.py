@@ -45,11 +45,12 @@ def sym_eig(M):
 
 
 def _layers(A, G):
-    if isinstance(A, torch.Tensor):
-        return [A], [G]
-    if G is None:
-        return [p[0] for p in A], [p[1] for p in A]
-    return list(A), list(G)
+    """Per-layer lists of dense factors (a LowRankFactor is materialised)."""
+    if isinstance(A, torch.Tensor) or hasattr(A, "dense"):
+        A, G = [A], [G]
+    elif G is None:
+        A, G = [p[0] for p in A], [p[1] for p in A]
+    return [_dense(x) for x in A], [_dense(x) for x in G]
 
 
 def _damping(damping, T, like):
@@ -111,9 +112,9 @@ def chol_logdet(M):
     return _cholesky_logdet(M)
 
 
-def _dense_A(A):
+def _dense(factor):
     # A LowRankFactor (llama_fast.lowrank) is materialised here: the oracle has no low-rank path.
-    return A.dense() if hasattr(A, "dense") else A
+    return factor.dense() if hasattr(factor, "dense") else factor
 
 
 def kron_sample_from_eigs(mean, evals_A, evecs_A, evals_G, evecs_G, damping=1.0, scale=1.0,
@@ -135,7 +136,7 @@ def kron_sample(mean, A, G=None, damping=1.0, scale=1.0, num_samples=1, generato
     means = [mean] if isinstance(mean, torch.Tensor) else list(mean)
     out = []
     for m, A_l, G_l in zip(means, A_list, G_list):
-        lam, Q_A = torch.linalg.eigh(_dense_A(A_l))
+        lam, Q_A = torch.linalg.eigh(A_l)
         mu, Q_G = torch.linalg.eigh(G_l)
         out.append(kron_sample_from_eigs(m, lam, Q_A, mu, Q_G, damping, scale, num_samples, generator))
     return out[0] if isinstance(mean, torch.Tensor) else out
@@ -143,7 +144,7 @@ def kron_sample(mean, A, G=None, damping=1.0, scale=1.0, num_samples=1, generato
 
 def kron_precision_dense(A, G, damping=1.0, scale=1.0):
     """H = s * kron(G, A) + delta * I per task, [T, o*i', o*i'] (small layers only)."""
-    A = _dense_A(A)
+    A, G = _dense(A), _dense(G)
     delta = _damping(damping, A.shape[0], A)
     eye = torch.eye(A.shape[-1] * G.shape[-1], dtype=A.dtype, device=A.device)
     return torch.stack([scale * torch.kron(G[t], A[t]) + delta[t] * eye for t in range(A.shape[0])])

@@ -27,7 +27,7 @@ def kron_sample(mean, A, G=None, damping=1.0, scale=1.0, num_samples=1, generato
         mean: ``[T, o, i']`` (the homogeneous weight ``[W, b]`` of each task), or a list with
             one per layer.
         A, G: Kronecker factors as for :func:`llama_fast.kron_logdet` (``A [T, i', i']``, may
-            be a :class:`~llama_fast.LowRankFactor`; ``G [T, o, o]``), lists of them, or ``A``
+            be a :class:`~llama_fast.LowRankFactor`; ``G [T, o, o]``, may be one too), lists of them, or ``A``
             a list of ``(A, G)`` pairs (then pass ``damping`` etc. by keyword).
         damping: ``delta > 0``, a float or a per-task tensor ``[T]``.
         scale: ``s > 0``.

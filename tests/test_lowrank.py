@@ -77,8 +77,34 @@ def test_mixed_layers_and_curvature_cache(device, rng):
     torch.testing.assert_close(curv.logdet(), lf.kron_logdet(dense, G, damping=0.2, scale=2.0))
 
 
-def test_low_rank_G_is_rejected(device, rng):
+@pytest.mark.parametrize("thin_a", [False, True])
+def test_low_rank_G(device, thin_a, rng):
+    """G built from fewer rows than its width (alone or with a low-rank A): a LowRankFactor
+    whose log-det and gradients (through the a and g rows) equal the dense factors'."""
+    a = torch.randn(2, 3 if thin_a else 12, 6, generator=rng, dtype=torch.float64).to(device)
+    g = torch.randn(2, 4, 9, generator=rng, dtype=torch.float64).to(device)
+    A, G = lf.kfac_factors(a, g, low_rank=True, g_scale=0.5)
+    assert isinstance(G, lf.LowRankFactor) and G.rank_bound == 4 and G.width == 9 and not G.bias
+    assert isinstance(A, lf.LowRankFactor) == thin_a
+    torch.testing.assert_close(G.dense(), lf.kfac_factors(a, g, g_scale=0.5)[1])
+    torch.testing.assert_close(G.dual(), 0.5 * g @ g.mT)
+    dense = lambda x: x.dense() if isinstance(x, lf.LowRankFactor) else x
+    torch.testing.assert_close(lf.kron_logdet(A, G, damping=0.3, scale=1.7),
+                               lf.kron_logdet(dense(A), dense(G), damping=0.3, scale=1.7))
+
+    def logdet(a, g, dense_path):
+        A, G = lf.kfac_factors(a, g, low_rank=not dense_path, g_scale=0.5)
+        return lf.kron_logdet(A, G, damping=0.3, scale=1.7)
+    a.requires_grad_(), g.requires_grad_()
+    torch.autograd.gradcheck(lambda a, g: logdet(a, g, False), (a, g))
+    got = torch.autograd.grad(logdet(a, g, False).sum(), (a, g))
+    expected = torch.autograd.grad(logdet(a, g, True).sum(), (a, g))
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y)
+
+
+def test_low_rank_G_with_a_bias_column_is_rejected(device, rng):
     a, g = layer_inputs(1, 2, 10, 3, rng, device)
     A, G = lf.kfac_factors(a, g, low_rank=True)
-    with pytest.raises(TypeError, match=r"\bG\b must be a torch.Tensor"):
+    with pytest.raises(ValueError, match=r"\bG\b is a LowRankFactor with bias=True"):
         lf.kron_logdet(G, A, damping=1.0)

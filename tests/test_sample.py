@@ -27,13 +27,17 @@ def psd(T, d, rows, gen, dtype=torch.float64, device="cpu"):
     return (x.transpose(1, 2) @ x / rows).to(device)
 
 
-def layer(T, o, i, rows, gen, device, low_rank=False, bias=True, dtype=torch.float64):
-    """(A, G, mean) of one layer with i' = i + bias; A low-rank from `rows` rows if asked."""
+def layer(T, o, i, rows, gen, device, low_rank=False, bias=True, dtype=torch.float64, g_rows=None):
+    """(A, G, mean) of one layer with i' = i + bias, A from `rows` rows and G from `g_rows`
+    (default rows + 2); with `low_rank`, each factor with fewer rows than its width is a
+    LowRankFactor."""
+    g_rows = rows + 2 if g_rows is None else g_rows
     a = torch.randn(T, rows, i, generator=gen, dtype=dtype).to(device)
-    g = torch.randn(T, rows + 2, o, generator=gen, dtype=dtype).to(device)
-    A, G = lf.kfac_factors(a, g, bias=bias, low_rank=low_rank, g_scale=1.0 / (rows + 2))
+    g = torch.randn(T, g_rows, o, generator=gen, dtype=dtype).to(device)
+    A, G = lf.kfac_factors(a, g, bias=bias, low_rank=low_rank, g_scale=1.0 / g_rows)
     if low_rank:
-        assert isinstance(A, lf.LowRankFactor)
+        assert isinstance(A, lf.LowRankFactor) == (rows < i + bias)
+        assert isinstance(G, lf.LowRankFactor) == (g_rows < o)
     mean = torch.randn(T, o, i + bias, generator=gen, dtype=dtype).to(device)
     return A, G, mean
 
@@ -48,7 +52,7 @@ def joint_covariance(layers, damping, scale):
     blocks = []
     for t in range(T):
         for A, G, _ in layers:
-            H = reference.kron_precision_dense(dense(A), G, damping, scale)[t]
+            H = reference.kron_precision_dense(dense(A), dense(G), damping, scale)[t]
             blocks.append(torch.linalg.inv(H))
     return torch.block_diag(*blocks)
 
@@ -106,6 +110,18 @@ def test_low_rank_statistics(device, o, i, bias, rows, damping):
     samples = lf.kron_sample(mean, A, G, damping=damping, scale=1.3, num_samples=DRAWS)
     assert samples.shape == (DRAWS, 2, o, i + bias)
     check_statistics([(A, G, mean)], [samples], damping, 1.3)
+
+
+@pytest.mark.parametrize("damping", [0.05, 1.0, 10.0])
+@pytest.mark.parametrize("o,i,bias,rows,g_rows", [(5, 2, True, 6, 2), (4, 5, True, 2, 3), (6, 1, False, 3, 1)])
+def test_low_rank_G_statistics(device, o, i, bias, rows, g_rows, damping):
+    """G from fewer rows than its width (alone, and with a low-rank A): same statistics."""
+    gen = torch.Generator().manual_seed(SEED + 13 * o + i)
+    A, G, mean = layer(2, o, i, rows, gen, device, low_rank=True, bias=bias, g_rows=g_rows)
+    torch.manual_seed(SEED + 2)
+    samples = lf.kron_sample(mean, A, G, damping=damping, scale=0.9, num_samples=DRAWS)
+    assert samples.shape == (DRAWS, 2, o, i + bias)
+    check_statistics([(A, G, mean)], [samples], damping, 0.9)
 
 
 def test_low_rank_with_repeated_rows(device):
@@ -304,17 +320,19 @@ def test_op_bad_input(device):
 
 # ---- solve and precision products -------------------------------------------------------------
 
-@pytest.mark.parametrize("low_rank", [False, True])
+@pytest.mark.parametrize("low_rank", ["none", "A", "G", "both"])
 def test_solve_and_matvec_match_dense(device, low_rank):
     gen = torch.Generator().manual_seed(SEED)
-    layers = [layer(3, 3, 5, 2, gen, device, low_rank=low_rank), layer(3, 2, 2, 4, gen, device)]
+    rows, g_rows = {"none": (7, 5), "A": (2, 5), "G": (7, 2), "both": (2, 2)}[low_rank]
+    layers = [layer(3, 3, 5, rows, gen, device, low_rank=True, g_rows=g_rows), layer(3, 2, 2, 4, gen, device)]
     damping = torch.tensor([0.05, 0.7, 3.0], dtype=torch.float64, device=device)
     curv = lf.KronCurvature([A for A, *_ in layers], [G for _, G, _ in layers], damping=damping, scale=1.4)
     V = [torch.randn(4, *m.shape, generator=gen, dtype=torch.float64).to(device) for *_, m in layers]
     solved, product = curv.solve(V), curv.precision_matvec(V)
     for (A, G, _), v, x, y in zip(layers, V, solved, product):
-        torch.testing.assert_close(x, reference.kron_solve(v, dense(A), G, damping, 1.4), rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(y, reference.kron_precision_matvec(v, dense(A), G, damping, 1.4), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(x, reference.kron_solve(v, dense(A), dense(G), damping, 1.4), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(y, reference.kron_precision_matvec(v, dense(A), dense(G), damping, 1.4),
+                                   rtol=1e-10, atol=1e-10)
     for v, back in zip(V, curv.solve(curv.precision_matvec(V))):
         torch.testing.assert_close(back, v, rtol=1e-9, atol=1e-10)
     # A single [T, o, i'] tensor for a one-layer curvature.
