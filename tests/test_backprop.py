@@ -22,14 +22,14 @@ def seeded(rng):
 
 def conv_net(rng):
     """Strided conv (conv_transpose2d step), padding beyond the kernel's reach (conv_transpose2d
-    again), dilation and a 3x3/stride-1 max-pool (overlapping windows), Tanh/ELU by the generic
+    again), dilation with padding='same' and a 3x3/stride-1 max-pool (overlapping windows), Tanh/ELU by the generic
     VJP, BatchNorm2d without affine parameters, average pooling and Dropout."""
     seeded(rng)
     return nn.Sequential(
         nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.Tanh(),
         nn.MaxPool2d(3, stride=1, padding=1),
         nn.Sequential(nn.Conv2d(3, 4, 3, padding=3), nn.BatchNorm2d(4, affine=False), nn.ELU()),
-        nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(4, 4, 3, padding="same", dilation=2, bias=False), nn.ReLU(), nn.AvgPool2d(2),
         nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * 7 * 7, 3)).to(DT)
 
 
