@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _torch_module(module: nn.Module) -> bool:
+def is_torch_nn_module(module: nn.Module) -> bool:
     """A module of torch.nn itself (a user's subclass may override forward)."""
     return type(module).__module__.startswith("torch.nn.modules.")
 
@@ -45,7 +45,7 @@ def sequential_leaves(model: nn.Module, kfac_names, supported_types) -> tuple | 
     if type(model) is not nn.Sequential or not _walk(model, "", leaves):
         return None
     for _, module in leaves:
-        if not _torch_module(module) or getattr(module, "inplace", False):
+        if not is_torch_nn_module(module) or getattr(module, "inplace", False):
             return None
         if not isinstance(module, (*supported_types, nn.modules.batchnorm._BatchNorm)):
             return None

@@ -223,7 +223,7 @@ class KronCurvature:
             keep = evals > tol
             lam = torch.where(keep, evals, torch.zeros_like(evals))
             inv_root = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), torch.zeros_like(lam))
-            V = math.sqrt(factor.scale) * (_rows_bar(factor).mT @ evecs) * inv_root.unsqueeze(-2)
+            V = math.sqrt(factor.scale) * (factor.rows_bar().detach().mT @ evecs) * inv_root.unsqueeze(-2)
             cache[(kind, l)] = (V, lam)
         return cache[(kind, l)]
 
@@ -340,7 +340,7 @@ class KronCurvature:
     def _precision_layer(self, l, X4):
         A, G = self.factors_A[l], self.factors_G[l]
         if isinstance(A, LowRankFactor):
-            R = _rows_bar(A)
+            R = A.rows_bar().detach()
             XA = A.scale * torch.bmm(torch.bmm(_fold(X4), R.mT), R)
         else:
             XA = torch.bmm(_fold(X4), A.detach())
@@ -356,14 +356,6 @@ class KronCurvature:
 def _rank(factor) -> int:
     """Rows of a LowRankFactor (its rank bound), the width of a dense one."""
     return factor.rank_bound if isinstance(factor, LowRankFactor) else factor.shape[-1]
-
-
-def _rows_bar(factor):
-    """The detached rows [T, N, width] of a LowRankFactor, its bias column of ones appended."""
-    rows = factor.rows.detach()
-    if factor.bias:
-        rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-    return rows
 
 
 def _rotate_draws(Q_G, Z, Q_A, mean):

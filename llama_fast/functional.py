@@ -139,7 +139,7 @@ def inspect_model(model: nn.Module) -> NetworkSpec:
 
 def _is_per_example(module: nn.Module) -> bool:
     """A torch.nn module of a PER_EXAMPLE_TYPES class (a user's subclass may override forward)."""
-    return isinstance(module, PER_EXAMPLE_TYPES) and type(module).__module__.startswith("torch.nn.modules.")
+    return isinstance(module, PER_EXAMPLE_TYPES) and backprop.is_torch_nn_module(module)
 
 
 @contextmanager

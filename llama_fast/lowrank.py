@@ -60,11 +60,15 @@ class LowRankFactor:
             K = K + 1.0
         return self.scale * K
 
+    def rows_bar(self) -> torch.Tensor:
+        """The rows ``[T, N, width]``, with the bias column of ones appended when ``bias``."""
+        if not self.bias:
+            return self.rows
+        return torch.cat([self.rows, self.rows.new_ones(*self.rows.shape[:-1], 1)], dim=-1)
+
     def dense(self) -> torch.Tensor:
         """The width x width factor itself (for tests and small layers)."""
-        rows = self.rows
-        if self.bias:
-            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        rows = self.rows_bar()
         return self.scale * rows.transpose(-1, -2) @ rows
 
     def __repr__(self) -> str:
