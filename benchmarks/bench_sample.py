@@ -5,14 +5,17 @@ factors of the DESIGN.md workloads, all layers in one call.
 outside the timer on both sides (a KronCurvature for the kernels, torch.linalg.eigh for the
 reference). `bench_kron_sample_from_factors` times the whole call from the factors, where
 the eigendecompositions dominate, and `bench_sample_low_rank` the low-rank path from the
-activations (Conv-4 5-way 1-shot)."""
+activations (Conv-4 5-way 1-shot).
+
+Each benchmark is paired (lf_workloads.paired_benchmark): the kernels and the reference run
+alternately in one benchmark, so the speed-up compares them under the same machine state."""
 
 import pytest
 import torch
 
 import llama_fast as lf
 from llama_fast import reference
-from lf_workloads import WORKLOADS, timed_call
+from lf_workloads import WORKLOADS, paired_benchmark
 
 DAMPING = 0.1
 CASES = [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)]
@@ -46,20 +49,14 @@ def reference_sampler(A, G, means):
                       for m, ((lam, Q_A), (mu, Q_G)) in zip(means, eigs)]
 
 
-SAMPLERS = {"kernels": kernels_sampler, "reference": reference_sampler}
-
-
-@pytest.mark.parametrize("impl", list(SAMPLERS))
 @pytest.mark.parametrize("S", [1, 10, 100])
 @pytest.mark.parametrize("workload,T", CASES)
-def bench_kron_sample(benchmark, device, workload, T, S, impl):
+def bench_kron_sample(benchmark, device, workload, T, S):
     if too_big(device, workload, T, S):
         pytest.skip("too large for the CPU run (see too_big)")
     A, G, means = factors(workload, T, device)
-    sampler = SAMPLERS[impl](A, G, means)
     benchmark.group = f"kron_sample {workload} T={T} S={S} {device}"
-    benchmark.extra_info["impl"] = impl
-    benchmark(timed_call(sampler, device), S)
+    paired_benchmark(benchmark, kernels_sampler(A, G, means), reference_sampler(A, G, means), device, S)
 
 
 FROM_FACTORS = {
@@ -68,14 +65,12 @@ FROM_FACTORS = {
 }
 
 
-@pytest.mark.parametrize("impl", list(FROM_FACTORS))
 @pytest.mark.parametrize("workload", ["sinusoid", "conv4-omniglot"])
-def bench_kron_sample_from_factors(benchmark, device, workload, impl):
+def bench_kron_sample_from_factors(benchmark, device, workload):
     T, S = 4, 10
     A, G, means = factors(workload, T, device)
     benchmark.group = f"kron_sample from factors {workload} T={T} S={S} {device}"
-    benchmark.extra_info["impl"] = impl
-    benchmark(timed_call(FROM_FACTORS[impl], device), means, A, G, S)
+    paired_benchmark(benchmark, FROM_FACTORS["kernels"], FROM_FACTORS["reference"], device, means, A, G, S)
 
 
 def low_rank_problem(T, device):
@@ -96,16 +91,11 @@ def reference_low_rank(a, g, means, S):
     return reference.kron_sample(means, A, G, damping=DAMPING, num_samples=S)
 
 
-LOW_RANK = {"kernels": kernels_low_rank, "reference": reference_low_rank}
-
-
-@pytest.mark.parametrize("impl", list(LOW_RANK))
 @pytest.mark.parametrize("S", [1, 10])
-def bench_sample_low_rank(benchmark, device, S, impl):
+def bench_sample_low_rank(benchmark, device, S):
     """Activations -> factors -> samples, Conv-4 Omniglot 5-way 1-shot, T=4: the kernels keep
     the 577-wide factors of layers 3-4 (245 and 45 rows) and the head (5 rows) low-rank."""
     T = 4
     a, g, means = low_rank_problem(T, device)
     benchmark.group = f"kfac+kron_sample low-rank conv4-omniglot T={T} S={S} {device}"
-    benchmark.extra_info["impl"] = impl
-    benchmark(timed_call(LOW_RANK[impl], device), a, g, means, S)
+    paired_benchmark(benchmark, kernels_low_rank, reference_low_rank, device, a, g, means, S)

@@ -51,12 +51,19 @@ def _meta_table(tr, session):
 
 
 def _medians_by_group(session):
+    """{group: {"kernels": median s, "reference": median s}}; a paired benchmark
+    (lf_workloads.paired_benchmark) brings its interleaved reference median along, and its
+    group is marked "(paired)"."""
     groups = {}
     for bench in getattr(session, "benchmarks", []):
         impl = bench.extra_info.get("impl")
         if impl is None or bench.stats is None:
             continue
-        groups.setdefault(bench.group, {})[impl] = bench.stats.median
+        paired = bench.extra_info.get("reference_median")
+        group = groups.setdefault(bench.group + (" (paired)" if paired is not None else ""), {})
+        group[impl] = bench.stats.median
+        if paired is not None:
+            group["reference"] = paired
     return groups
 
 

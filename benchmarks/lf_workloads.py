@@ -5,6 +5,9 @@ a is [T, N*R, fan_in] (unfolded patches for convolutions: "K-FAC expand"), g is
 is N-way 1-shot: N examples per task.
 """
 
+import statistics
+import time
+
 import torch
 
 WAYS = 5
@@ -47,3 +50,45 @@ def timed_call(fn, device):
         return out
 
     return synced
+
+
+# Rounds of a paired benchmark: as many kernels/reference pairs as fit in this many seconds
+# (pytest-benchmark's own default budget is one second per benchmark), within these bounds.
+PAIRED_SECONDS = 2.0
+PAIRED_ROUNDS = (5, 2000)
+
+
+def paired_benchmark(benchmark, kernels, reference, device, *args):
+    """Times `kernels(*args)` with pytest-benchmark and `reference(*args)` between its rounds:
+    kernels, reference, kernels, reference, ... so that both see the same machine state.
+
+    Two benchmarks run one after the other are seconds apart, and on a shared 2-vCPU VM the
+    speed of the machine moves by up to 2x between such windows (kron_sample sinusoid T=4
+    S=100 took 3.8 ms in one window and 9.6 ms in another); a ratio of their medians is then
+    as much the machine's drift as the code. The reference's median (and the number of rounds)
+    goes into ``extra_info`` ("reference_median", "reference_rounds"); the speed-up table
+    reads it from there.
+    """
+    kernels, reference = timed_call(kernels, device), timed_call(reference, device)
+    # Warm-up pairs (at least one, up to a tenth of the budget): first-call costs (page faults
+    # of fresh allocations, lazy initialisation) stay out of both, as pytest-benchmark's own
+    # warm-up keeps them out of an unpaired benchmark.
+    pairs, start = 0, time.perf_counter()
+    while pairs == 0 or time.perf_counter() - start < PAIRED_SECONDS / 10:
+        kernels(*args)
+        reference(*args)
+        pairs += 1
+    pair = (time.perf_counter() - start) / pairs
+    rounds = int(min(max(PAIRED_SECONDS / max(pair, 1e-9), PAIRED_ROUNDS[0]), PAIRED_ROUNDS[1]))
+    reference_times = []
+
+    def time_reference():
+        start = time.perf_counter()
+        reference(*args)
+        reference_times.append(time.perf_counter() - start)
+        return args, {}
+
+    benchmark.extra_info["impl"] = "kernels"
+    benchmark.pedantic(kernels, setup=time_reference, rounds=rounds, iterations=1)
+    benchmark.extra_info["reference_median"] = statistics.median(reference_times)
+    benchmark.extra_info["reference_rounds"] = len(reference_times)
