@@ -9,9 +9,7 @@ import torch
 
 import llama_fast as lf
 from llama_fast import reference
-from lf_workloads import WORKLOADS, timed_call
-
-IMPLS = {"kernels": lf.sym_eig, "reference": reference.sym_eig}
+from lf_workloads import WORKLOADS, paired_benchmark
 
 
 def factor_sizes(workload, T):
@@ -27,11 +25,9 @@ CASES = [(w, T, d, n) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)
          for d, n in sorted(factor_sizes(w, T).items())]
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("workload,T,d,count", CASES)
-def bench_sym_eig(benchmark, device, workload, T, d, count, impl):
+def bench_sym_eig(benchmark, device, workload, T, d, count):
     x = torch.randn(count, d, d + 2, device=device)
     M = x @ x.transpose(1, 2) / d
     benchmark.group = f"sym_eig {workload} T={T} {count}x[{d}x{d}] {device}"
-    benchmark.extra_info["impl"] = impl
-    benchmark(timed_call(IMPLS[impl], device), M)
+    paired_benchmark(benchmark, lf.sym_eig, reference.sym_eig, device, M)

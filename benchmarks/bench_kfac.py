@@ -5,9 +5,7 @@ import torch
 
 import llama_fast as lf
 from llama_fast import reference
-from lf_workloads import WORKLOADS, timed_call
-
-IMPLS = {"kernels": lf.kfac_factors, "reference": reference.kfac_factors}
+from lf_workloads import WORKLOADS, paired_benchmark
 
 CASES = [
     (workload, T)
@@ -23,12 +21,10 @@ def layer_inputs(workload, T, device):
     return a, g
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("workload,T", CASES)
-def bench_kfac_factors(benchmark, device, workload, T, impl):
+def bench_kfac_factors(benchmark, device, workload, T):
     if device == "cpu" and workload == "conv4-miniimagenet" and T == 32:
         pytest.skip("miniImageNet at T=32 takes minutes per round on a 2-core CPU; run on CUDA")
     a, g = layer_inputs(workload, T, device)
     benchmark.group = f"kfac_factors {workload} T={T} {device}"
-    benchmark.extra_info["impl"] = impl
-    benchmark(timed_call(IMPLS[impl], device), a, g)
+    paired_benchmark(benchmark, lf.kfac_factors, reference.kfac_factors, device, a, g)

@@ -6,10 +6,7 @@ import torch
 
 import llama_fast as lf
 from llama_fast import reference
-from lf_workloads import WORKLOADS, timed_call
-
-IMPLS = {"kernels": lf.kron_logdet, "reference": reference.kron_logdet}
-
+from lf_workloads import WORKLOADS, paired_benchmark
 
 def factors(workload, T, device):
     A, G = [], []
@@ -21,17 +18,19 @@ def factors(workload, T, device):
     return A, G
 
 
-def forward_backward(fn, A, G):
-    fn(A, G, damping=0.1).sum().backward()
+def forward_backward(A, G):
+    lf.kron_logdet(A, G, damping=0.1).sum().backward()
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+def forward_backward_reference(A, G):
+    reference.kron_logdet(A, G, damping=0.1).sum().backward()
+
+
 @pytest.mark.parametrize("workload,T", [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)])
-def bench_kron_logdet_fwd_bwd(benchmark, device, workload, T, impl):
+def bench_kron_logdet_fwd_bwd(benchmark, device, workload, T):
     A, G = factors(workload, T, device)
     benchmark.group = f"kron_logdet fwd+bwd {workload} T={T} {device}"
-    benchmark.extra_info["impl"] = impl
-    benchmark(timed_call(forward_backward, device), IMPLS[impl], A, G)
+    paired_benchmark(benchmark, forward_backward, forward_backward_reference, device, A, G)
 
 
 def activations(workload, T, device):
@@ -51,16 +50,11 @@ def reference_from_activations(a, g):
     reference.kron_logdet(A, G, damping=0.1).sum().backward()
 
 
-LOW_RANK = {"kernels": kernels_from_activations, "reference": reference_from_activations}
-
-
-@pytest.mark.parametrize("impl", list(LOW_RANK))
 @pytest.mark.parametrize("T", [4, 32])
-def bench_logdet_from_activations_low_rank(benchmark, device, T, impl):
+def bench_logdet_from_activations_low_rank(benchmark, device, T):
     """Activations -> factors -> log-det -> gradients on Conv-4 5-way 1-shot: the kernels take
     the low-rank path for the 577-wide factors built from 245 and 45 rows (and the 65-wide
     head from 5 rows); the reference materialises and eigendecomposes every factor."""
     a, g = activations("conv4-omniglot", T, device)
     benchmark.group = f"kfac+kron_logdet fwd+bwd low-rank conv4-omniglot T={T} {device}"
-    benchmark.extra_info["impl"] = impl
-    benchmark(timed_call(LOW_RANK[impl], device), a, g)
+    paired_benchmark(benchmark, kernels_from_activations, reference_from_activations, device, a, g)
