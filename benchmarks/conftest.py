@@ -17,14 +17,16 @@ def device(request):
 
 
 def _meta_rows(session):
-    """(group, {algorithm: (median s, tasks, peak bytes)}) of the meta_step benchmarks."""
+    """(group, {algorithm: (median s, tasks, peak bytes, paired MAML median s or None)}) of
+    the meta_step benchmarks."""
     groups = {}
     for bench in getattr(session, "benchmarks", []):
         algorithm = bench.extra_info.get("algorithm")
         if algorithm is None or bench.stats is None:
             continue
         groups.setdefault(bench.group, {})[algorithm] = (
-            bench.stats.median, bench.extra_info["tasks"], bench.extra_info.get("peak_bytes"))
+            bench.stats.median, bench.extra_info["tasks"], bench.extra_info.get("peak_bytes"),
+            bench.extra_info.get("maml_median"))
     return sorted(groups.items())
 
 
@@ -32,22 +34,27 @@ def _meta_table(tr, session):
     rows = _meta_rows(session)
     if not rows:
         return
-    tr.section("llama_fast meta_step (tasks/s; ratios to vmapped MAML; loop = Python loop over tasks)")
+    tr.section("llama_fast meta_step (tasks/s; ratios to vmapped MAML, interleaved where paired; "
+               "loop = Python loop over tasks)")
     tr.write_line(f"{'workload':<40} {'algorithm':<10} {'median':>10} {'tasks/s':>9} {'x MAML':>7} "
                   f"{'peak MB':>8} {'mem x MAML':>10}")
     for group, algs in rows:
-        maml_time, _, maml_peak = algs.get("maml", (None, None, None))
+        maml_time, _, maml_peak, _ = algs.get("maml", (None, None, None, None))
         for algorithm in ("maml", "fomaml", "llama", "loop-maml"):
             if algorithm not in algs:
                 continue
-            median, tasks, peak = algs[algorithm]
-            ratio = f"{median / maml_time:.2f}" if maml_time else "-"
+            median, tasks, peak, paired_maml = algs[algorithm]
+            reference = paired_maml or maml_time
+            ratio = f"{median / reference:.2f}" if reference else "-"
             mem = f"{peak / 2**20:.1f}" if peak else "-"
             mem_ratio = f"{peak / maml_peak:.2f}" if peak and maml_peak else "-"
             tr.write_line(f"{group:<40} {algorithm:<10} {median * 1e3:>8.1f}ms {tasks / median:>9.1f} "
                           f"{ratio:>7} {mem:>8} {mem_ratio:>10}")
-        if "loop-maml" in algs and maml_time:
-            tr.write_line(f"{group:<40} vmapped MAML speed-up over the loop: {algs['loop-maml'][0] / maml_time:.2f}x")
+        if "loop-maml" in algs:
+            loop_time, _, _, paired_maml = algs["loop-maml"]
+            reference = paired_maml or maml_time
+            if reference:
+                tr.write_line(f"{group:<40} vmapped MAML speed-up over the loop: {loop_time / reference:.2f}x")
 
 
 def _medians_by_group(session):

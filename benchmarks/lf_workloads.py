@@ -58,9 +58,37 @@ PAIRED_SECONDS = 2.0
 PAIRED_ROUNDS = (5, 2000)
 
 
+def alternate(benchmark, target, partner, args=(), rounds=None):
+    """pytest-benchmark times ``target(*args)`` while ``partner(*args)`` runs before each of its
+    rounds (partner, target, partner, target, ...), timed with the host clock; returns the
+    partner's times. Warm-up pairs come first (one, or with ``rounds=None`` as many as fit in a
+    tenth of PAIRED_SECONDS): first-call costs (page faults of fresh allocations, lazy
+    initialisation) stay out of both, as pytest-benchmark's own warm-up keeps them out of an
+    unpaired benchmark. ``rounds=None``: as many rounds as fit in PAIRED_SECONDS, within
+    PAIRED_ROUNDS. Wrap CUDA callables with timed_call first."""
+    pairs, start = 0, time.perf_counter()
+    while pairs == 0 or (rounds is None and time.perf_counter() - start < PAIRED_SECONDS / 10):
+        target(*args)
+        partner(*args)
+        pairs += 1
+    if rounds is None:
+        pair = (time.perf_counter() - start) / pairs
+        rounds = int(min(max(PAIRED_SECONDS / max(pair, 1e-9), PAIRED_ROUNDS[0]), PAIRED_ROUNDS[1]))
+    partner_times = []
+
+    def time_partner():
+        start = time.perf_counter()
+        partner(*args)
+        partner_times.append(time.perf_counter() - start)
+        return args, {}
+
+    benchmark.pedantic(target, setup=time_partner, rounds=rounds, iterations=1)
+    return partner_times
+
+
 def paired_benchmark(benchmark, kernels, reference, device, *args):
-    """Times `kernels(*args)` with pytest-benchmark and `reference(*args)` between its rounds:
-    kernels, reference, kernels, reference, ... so that both see the same machine state.
+    """Times `kernels(*args)` with pytest-benchmark and `reference(*args)` between its rounds
+    (``alternate``), so that both see the same machine state.
 
     Two benchmarks run one after the other are seconds apart, and on a shared 2-vCPU VM the
     speed of the machine moves by up to 2x between such windows (kron_sample sinusoid T=4
@@ -69,26 +97,7 @@ def paired_benchmark(benchmark, kernels, reference, device, *args):
     goes into ``extra_info`` ("reference_median", "reference_rounds"); the speed-up table
     reads it from there.
     """
-    kernels, reference = timed_call(kernels, device), timed_call(reference, device)
-    # Warm-up pairs (at least one, up to a tenth of the budget): first-call costs (page faults
-    # of fresh allocations, lazy initialisation) stay out of both, as pytest-benchmark's own
-    # warm-up keeps them out of an unpaired benchmark.
-    pairs, start = 0, time.perf_counter()
-    while pairs == 0 or time.perf_counter() - start < PAIRED_SECONDS / 10:
-        kernels(*args)
-        reference(*args)
-        pairs += 1
-    pair = (time.perf_counter() - start) / pairs
-    rounds = int(min(max(PAIRED_SECONDS / max(pair, 1e-9), PAIRED_ROUNDS[0]), PAIRED_ROUNDS[1]))
-    reference_times = []
-
-    def time_reference():
-        start = time.perf_counter()
-        reference(*args)
-        reference_times.append(time.perf_counter() - start)
-        return args, {}
-
     benchmark.extra_info["impl"] = "kernels"
-    benchmark.pedantic(kernels, setup=time_reference, rounds=rounds, iterations=1)
-    benchmark.extra_info["reference_median"] = statistics.median(reference_times)
-    benchmark.extra_info["reference_rounds"] = len(reference_times)
+    times = alternate(benchmark, timed_call(kernels, device), timed_call(reference, device), args)
+    benchmark.extra_info["reference_median"] = statistics.median(times)
+    benchmark.extra_info["reference_rounds"] = len(times)

@@ -71,3 +71,20 @@ def test_speed_up_table_reads_paired_reference(lf_workloads):
     groups = conftest._medians_by_group(session)
     assert groups == {"op a (paired)": {"kernels": 1.0, "reference": 3.0},
                       "op b": {"kernels": 2.0, "reference": 4.0}}
+
+
+def test_meta_table_ratios_use_the_paired_maml_median(lf_workloads):
+    conftest = _load("conftest")
+
+    def bench(algorithm, median, **extra):
+        return SimpleNamespace(group="meta_step w T=4 cpu", stats=SimpleNamespace(median=median),
+                               extra_info={"algorithm": algorithm, "tasks": 4, **extra})
+    session = SimpleNamespace(benchmarks=[
+        bench("maml", 2.0), bench("llama", 3.0, maml_median=1.0), bench("fomaml", 1.0),
+        bench("loop-maml", 4.0, maml_median=2.0)])
+    lines = []
+    reporter = SimpleNamespace(section=lambda *a, **k: None, write_line=lines.append)
+    conftest._meta_table(reporter, session)
+    ratio = {line.split()[4]: line.split()[7] for line in lines[1:] if "speed-up" not in line}
+    assert ratio == {"maml": "1.00", "llama": "3.00", "fomaml": "0.50", "loop-maml": "2.00"}
+    assert lines[-1].endswith("speed-up over the loop: 2.00x")
