@@ -9,9 +9,12 @@ LLAMA runs the exact Fisher (one g per class) with eta = 1e-3 and damping = 1.
 
 Peak memory (``python meta_workloads.py WORKLOAD T ALGORITHM DEVICE``): on CUDA,
 ``torch.cuda.max_memory_allocated`` over one step after a warm-up step; on the CPU, the growth
-of the process's peak resident set size (``ru_maxrss``) during the first step of a fresh
-process over its resident size just before it (torch has no CPU allocator statistics, and
-tracemalloc does not see torch's allocations). Prints the peak in bytes.
+of the process's peak resident set size during the first step of a fresh process over its
+resident size just before it (torch has no CPU allocator statistics, and tracemalloc does not
+see torch's allocations). The peak is /proc's VmHWM, reset just before the step: not
+``ru_maxrss``, which Linux carries over from the parent through fork and exec, so that a probe
+started by a large pytest process reported the parent's size (Conv-4 T=4 loop-maml: 666 MB
+in the benchmark, 350 MB on its own). Prints the peak in bytes.
 """
 
 import resource
@@ -77,6 +80,26 @@ def _rss_bytes():
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _peak_rss_bytes():
+    """This process's peak resident set size (VmHWM) since start or the last reset."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def _reset_peak_rss():
+    """Sets VmHWM to the current resident size (Linux >= 4.0: clear_refs value 5). Where that
+    is not allowed, VmHWM keeps this process's own earlier peak (imports, model set-up), which
+    is still never the parent's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory(workload, T, algorithm, device):
     model, batch = make(workload, T, device)
     step = step_fn(workload, algorithm, model, batch)
@@ -88,9 +111,10 @@ def peak_memory(workload, T, algorithm, device):
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    _reset_peak_rss()
     before = _rss_bytes()
     step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return _peak_rss_bytes() - before
 
 
 def interleaved(workload, T, device, rounds=3, algorithms=("maml", "fomaml", "llama", "loop-maml")):

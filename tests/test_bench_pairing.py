@@ -88,3 +88,19 @@ def test_meta_table_ratios_use_the_paired_maml_median(lf_workloads):
     ratio = {line.split()[4]: line.split()[7] for line in lines[1:] if "speed-up" not in line}
     assert ratio == {"maml": "1.00", "llama": "3.00", "fomaml": "0.50", "loop-maml": "2.00"}
     assert lines[-1].endswith("speed-up over the loop: 2.00x")
+
+
+def test_peak_memory_probe_ignores_a_large_parent(lf_workloads):
+    """meta_workloads' CPU probe reports the child's own peak: ru_maxrss would carry the
+    parent's resident size over fork and exec (a 400 MB parent, a ~20 MB sinusoid step)."""
+    import os
+    import subprocess
+
+    import torch
+    held = torch.ones(100_000_000)   # 400 MB resident in this (parent) process
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "meta_workloads.py"), "sinusoid", "4", "maml", "cpu"],
+                         capture_output=True, text=True, env=env, cwd=BENCHMARKS, timeout=120)
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert 0 < peak < 150 * 2**20 and held.numel() == 100_000_000
