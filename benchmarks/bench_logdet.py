@@ -1,12 +1,15 @@
 """kron_logdet forward + backward over all layers vs the reference (eigvalsh + log-sum,
 differentiated through torch's eigh), on the K-FAC factors of the DESIGN.md workloads."""
 
+from functools import partial
+
 import pytest
 import torch
 
 import llama_fast as lf
 from llama_fast import reference
 from lf_workloads import WORKLOADS, paired_benchmark
+
 
 def factors(workload, T, device):
     A, G = [], []
@@ -18,19 +21,16 @@ def factors(workload, T, device):
     return A, G
 
 
-def forward_backward(A, G):
-    lf.kron_logdet(A, G, damping=0.1).sum().backward()
-
-
-def forward_backward_reference(A, G):
-    reference.kron_logdet(A, G, damping=0.1).sum().backward()
+def forward_backward(fn, A, G):
+    fn(A, G, damping=0.1).sum().backward()
 
 
 @pytest.mark.parametrize("workload,T", [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)])
 def bench_kron_logdet_fwd_bwd(benchmark, device, workload, T):
     A, G = factors(workload, T, device)
     benchmark.group = f"kron_logdet fwd+bwd {workload} T={T} {device}"
-    paired_benchmark(benchmark, forward_backward, forward_backward_reference, device, A, G)
+    paired_benchmark(benchmark, partial(forward_backward, lf.kron_logdet),
+                     partial(forward_backward, reference.kron_logdet), device, A, G)
 
 
 def activations(workload, T, device):

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The K-FAC layer types: the leaves whose output gradients the reverse pass hands over.
+KFAC_TYPES = (nn.Linear, nn.Conv2d)
+
 
 def is_torch_nn_module(module: nn.Module) -> bool:
     """A module of torch.nn itself (a user's subclass may override forward)."""
@@ -49,7 +52,7 @@ def sequential_leaves(model: nn.Module, kfac_names, supported_types) -> tuple | 
             return None
         if not isinstance(module, (*supported_types, nn.modules.batchnorm._BatchNorm)):
             return None
-    kfac = [path for path, module in leaves if isinstance(module, (nn.Linear, nn.Conv2d))]
+    kfac = [path for path, module in leaves if isinstance(module, KFAC_TYPES)]
     return tuple(leaves) if tuple(kfac) == tuple(kfac_names) else None
 
 
@@ -157,7 +160,7 @@ def output_grads(leaves, params, inputs, cotangents, paddings):
     """Per K-FAC leaf, in order, the gradient [K, N, ...] of <cotangents[k], output> with
     respect to its output, for all K cotangents [K, N, ...] at once (differentiable).
     `paddings` maps each Conv2d path to its numeric zero padding."""
-    kfac_at = [i for i, (_, m) in enumerate(leaves) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    kfac_at = [i for i, (_, m) in enumerate(leaves) if isinstance(m, KFAC_TYPES)]
     grads, g = [], cotangents
     for i in range(len(leaves) - 1, kfac_at[0] - 1, -1):
         path, module = leaves[i]

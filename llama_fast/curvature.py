@@ -57,9 +57,9 @@ def _damping_tensor(damping, tasks, like, check):
 
 
 def _check_factors(A_list, G_list, check):
-    """Each factor a [T, d, d] float tensor (or a LowRankFactor: its rows are checked; a G's
-    without a bias column),
-    all with one T, dtype and device; with `check`, finite and symmetric. Returns T."""
+    """Each factor a [T, d, d] float tensor or a LowRankFactor (its rows are checked; a G's
+    rows have no bias column), all with one T, dtype and device; with `check`, finite and
+    symmetric. Returns T."""
     names, tensors = [], []
     T = None
     for l, (A, G) in enumerate(zip(A_list, G_list)):

@@ -43,7 +43,7 @@ from . import backprop
 
 LOSSES = ("cross_entropy", "mse")
 FISHERS = ("exact", "mc", "empirical")
-KFAC_TYPES = (nn.Linear, nn.Conv2d)
+KFAC_TYPES = backprop.KFAC_TYPES
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
 # Modules that treat every example on its own (nothing mixes rows of the batch): a network
