@@ -361,6 +361,32 @@ def _task_function(net, theta, rest, cfg, layer_shapes, prior_term):
     return one_task
 
 
+def task_spans(tasks, chunk):
+    """The [start, stop) task ranges of the vmapped calls: all T in one, or `chunk` per call."""
+    step = chunk or tasks
+    return [(start, min(start + step, tasks)) for start in range(0, tasks, step)]
+
+
+def _vmapped_call(one_task, in_dims, inputs, span, cfg, biases, clock):
+    """(q_loss, accuracy, logdet or None, sq_dist) of the tasks in `span`, by one vmapped call.
+    LLAMA's curvature is taken per call, from that call's captured rows: concatenated over all
+    T tasks, the rows were the step's largest tensors (Conv-4 5-shot, T=4: 80 MB of first-layer
+    g's), past glibc's 32 MB mmap threshold, so each of them and its gradient was page-faulted
+    in afresh on every step (~100k faults per step there), and held twice."""
+    start, stop = span
+    part = [x if x is None or dim is None else x[start:stop] for x, dim in zip(inputs, in_dims)]
+    q_loss, accuracy, a, g, sq_dist = torch.func.vmap(one_task, in_dims=in_dims)(*part)
+    clock.lap("forward")
+    logdet = None
+    if cfg["llama"]:
+        damping = cfg["damping"]
+        if isinstance(damping, torch.Tensor):
+            damping = damping[start:stop]
+        logdet = curvature_logdet(a, g, biases, damping, cfg["scale"], cfg["backend"])
+        clock.lap("curvature")
+    return q_loss, accuracy, logdet, sq_dist
+
+
 def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inner_lr=None,
                    inner_steps=1, eta=None, damping=None, scale=1.0, fisher="exact",
                    curvature_on="support", first_order=False, prior_term=False,
@@ -394,15 +420,12 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
         in_dims = (0, 0, 0, 0, None if noise is None else 0)
         chunk = resolve_task_chunk(task_chunk, batch.tasks, batch.device, cx.shape[1], layer_shapes,
                                    batch.support_x.element_size())
-        q_loss, accuracy, a, g, sq_dist = torch.func.vmap(one_task, in_dims=in_dims, chunk_size=chunk)(
-            batch.support_x, batch.support_y, batch.query_x, batch.query_y, noise)
-    clock.lap("forward")
-    objective, logdet = q_loss, None
-    if cfg["llama"]:
+        inputs = (batch.support_x, batch.support_y, batch.query_x, batch.query_y, noise)
         biases = [layer.has_bias for layer in spec.layers]
-        logdet = curvature_logdet(a, g, biases, cfg["damping"], cfg["scale"], cfg["backend"])
-        objective = objective + cfg["eta"] * logdet
-        clock.lap("curvature")
+        calls = [_vmapped_call(one_task, in_dims, inputs, span, cfg, biases, clock)
+                 for span in task_spans(batch.tasks, chunk)]
+    q_loss, accuracy, logdet, sq_dist = (None if parts[0] is None else torch.cat(parts) for parts in zip(*calls))
+    objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet
     if prior_term:
         objective = objective + 0.5 * cfg["damping"] * sq_dist
     meta_loss = objective.mean()
@@ -445,9 +468,10 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
         task_chunk: tasks per vmapped call: None (all T in one), an int, or "auto" (the
             default): all T on a GPU; on the CPU, chunks whose largest capture activation
             stays within 1 MB (Conv-4 28x28 1-shot: one task per call; the sinusoid MLP: all
-            in one). Results and gradients do not depend on it (one autograd graph over the
-            chunks); memory and, on the CPU, time do (Conv-4 T=32 on 2 threads: MAML 4.7 ->
-            2.8 s, LLAMA 7.6 -> 5.6 s against one call for all 32 tasks).
+            in one). LLAMA's curvature is taken per chunk, from that chunk's rows. Results
+            and gradients do not depend on it (one autograd graph over the chunks); memory
+            and, on the CPU, time do (Conv-4 T=32 on 2 threads: MAML 4.7 -> 2.8 s, LLAMA 7.6
+            -> 5.6 s against one call for all 32 tasks).
         timings: record wall-clock seconds per phase in the result.
         process_group: None (single process), or a torch.distributed process group (e.g.
             ``torch.distributed.group.WORLD``, or ``init_from_env().group``) for data-parallel
