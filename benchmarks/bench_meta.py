@@ -1,6 +1,9 @@
 """meta_step throughput: MAML, first-order MAML and LLAMA (all tasks vmapped), and MAML as a
 Python loop over tasks with plain autograd (learn2learn/higher style), on the sinusoid MLP and
-Conv-4 (5-way 1-shot, 28x28), T in {4, 32}. Workloads: meta_workloads.py.
+Conv-4 (5-way 1-shot, 28x28), T in {4, 32}; and at T = 4 DESIGN.md's other Conv-4 shapes,
+Omniglot 5-shot and miniImageNet (84x84, 32 filters) 1-shot (one of their T = 32 steps takes
+5-25 s on the CPU; `python meta_workloads.py interleaved WORKLOAD 32 DEVICE` measures it).
+Workloads: meta_workloads.py.
 
 Each benchmark records tasks/s and the step's peak memory (measured in a fresh subprocess,
 see meta_workloads.py); the terminal summary prints the LLAMA/MAML time and memory ratios and
@@ -24,7 +27,8 @@ from meta_workloads import make, step_fn
 
 HERE = Path(__file__).parent
 ALGORITHMS = ["maml", "fomaml", "llama", "loop-maml"]
-CASES = [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)]
+CASES = [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)] + \
+    [("conv4-omniglot-5shot", 4), ("conv4-miniimagenet", 4)]
 
 
 def measured_peak(workload, T, algorithm, device):

@@ -4,6 +4,9 @@
   inner_lr 0.01, one inner step (Finn et al. 2017).
 - conv4-omniglot: Conv-4 with 64 filters on 28x28 single-channel images, 5-way 1-shot
   support, 15 query images per class (75), cross-entropy, inner_lr 0.4, one inner step.
+- conv4-omniglot-5shot: the same with 5 support images per class (25).
+- conv4-miniimagenet: Conv-4 with 32 filters (Finn et al.'s miniImageNet network) on 84x84 RGB
+  images, 5-way 1-shot, 15 queries per class, the same settings.
 
 LLAMA runs the exact Fisher (one g per class) with eta = 1e-3 and damping = 1.
 
@@ -26,9 +29,14 @@ import torch
 import llama_fast as lf
 from llama_fast import reference
 
+CONV4 = {   # workload: (in_channels, filters, image side, shots); 5-way, 15 queries per class
+    "conv4-omniglot": (1, 64, 28, 1),
+    "conv4-omniglot-5shot": (1, 64, 28, 5),
+    "conv4-miniimagenet": (3, 32, 84, 1),
+}
 SETTINGS = {
     "sinusoid": dict(loss="mse", inner_lr=0.01, inner_steps=1),
-    "conv4-omniglot": dict(loss="cross_entropy", inner_lr=0.4, inner_steps=1),
+    **{name: dict(loss="cross_entropy", inner_lr=0.4, inner_steps=1) for name in CONV4},
 }
 LLAMA = dict(eta=1e-3, damping=1.0, fisher="exact")
 
@@ -44,12 +52,13 @@ def make(workload, T, device, seed=0):
         phase = torch.rand(T, 1, 1, generator=gen) * 3.1416
         y = amp * torch.sin(x + phase)
         batch = lf.TaskBatch(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:])
-    elif workload == "conv4-omniglot":
-        model = lf.models.conv4(in_channels=1, ways=5, hidden=64, image_size=28)
-        ways, shots, queries = 5, 1, 15
+    elif workload in CONV4:
+        channels, filters, side, shots = CONV4[workload]
+        model = lf.models.conv4(in_channels=channels, ways=5, hidden=filters, image_size=side)
+        ways, queries = 5, 15
 
         def part(k):
-            return (torch.randn(T, ways * k, 1, 28, 28, generator=gen),
+            return (torch.randn(T, ways * k, channels, side, side, generator=gen),
                     torch.arange(ways).repeat_interleave(k).expand(T, -1).contiguous())
         batch = lf.TaskBatch(*part(shots), *part(queries))
     else:
