@@ -7,7 +7,9 @@ Autograd's VJP serves one cotangent per pass, so K passes replay the whole backw
 the meta-gradient replays its double backward K times, BatchNorm's composite double backward
 included: on the CPU, for 5 support images, that is mostly per-op overhead. Here each leaf's
 reverse step is an ordinary differentiable torch expression with a leading cotangent dim, so
-one pass serves all K and its double backward is ordinary autograd over K-batched ops.
+one pass serves all K and its double backward is ordinary autograd over K-batched ops. A
+BatchNorm2d -> ReLU -> max-pool block (each of Conv-4's) takes one step with a hand-written
+derivative instead (``BlockInputGrad``): its unpooled K-sized tensors are the capture's largest.
 
 It applies to a (nested) ``torch.nn.Sequential`` whose leaves have a known reverse step:
 Linear, Conv2d, BatchNorm with batch statistics (how functional_mode runs it) and the
@@ -132,6 +134,91 @@ def _max_pool_input_grad(x, indices, g):
     return grad.scatter_add(-1, flat_idx, g.flatten(-2)).view(k, *x.shape)
 
 
+class BlockInputGrad(torch.autograd.Function):
+    """The reverse step of a BatchNorm (batch statistics) -> ReLU -> max-pool block for K
+    cotangents at once: from g [K, N, C, h, w] at the pool's output to the gradient at the
+    BatchNorm's input, y = a (S - u - xhat v), with S the ReLU-masked g scattered to the argmax
+    positions, a = gamma / sigma, u = mean(S), v = mean(S xhat) per cotangent and channel.
+
+    Conv-4's first block is the capture's largest tensor (K x N x 64 x 28 x 28), and every pass
+    over it is bound by memory bandwidth; written as separate torch ops, the scatter, mask and
+    BatchNorm formula and autograd's derivative of them take ~25 such passes. Here S is never
+    formed: u and v come from the pooled g and xhat at the argmax positions (the mask there is
+    (pooled output > 0)), y is one dense write plus a scatter-add, and the backward reads dy
+    three times: dL/dg = mask a (dy - mean(dy) - xhat mean(dy xhat)) at the argmax positions
+    (the BatchNorm step is a self-adjoint projection), dL/dx is BatchNorm's own backward of
+    dL/dxhat plus the path through sigma. The backward recomputes the statistics from x and g
+    when autograd records it, so it is differentiable in turn.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def statistics(x, g, indices, pooled, weight, eps):
+        """(xhat, 1/sigma, masked g, xhat at the argmax positions, u, v, a)."""
+        var, mean = torch.var_mean(x, (0, 2, 3), correction=0, keepdim=True)
+        inv_std = torch.rsqrt(var + eps)
+        xhat = (x - mean) * inv_std
+        masked = g * (pooled > 0).to(g.dtype)
+        xhat_at = xhat.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+        count = x.numel() // x.shape[1]
+        u = masked.sum((1, 3, 4), keepdim=True) / count
+        v = (masked * xhat_at).sum((1, 3, 4), keepdim=True) / count
+        a = inv_std if weight is None else inv_std * weight.view(-1, 1, 1)
+        return xhat, inv_std, masked, xhat_at, u, v, a
+
+    @staticmethod
+    def scatter_(dense, indices, values):
+        """Adds values [K, N, C, h, w] at the argmax positions of dense [K, N, C, H, W], in place
+        (dense is a fresh tensor of this function's own)."""
+        k = values.shape[0]
+        flat_idx = indices.flatten(-2).expand(k, *indices.shape[:-2], -1)
+        dense.view(*dense.shape[:-2], -1).scatter_add_(-1, flat_idx, values.flatten(-2))
+        return dense
+
+    @staticmethod
+    def forward(x, g, indices, pooled, weight, eps):
+        xhat, inv_std, masked, xhat_at, u, v, a = BlockInputGrad.statistics(x, g, indices, pooled, weight, eps)
+        dense = torch.addcmul(-(a * u), xhat, a * v, value=-1)       # a (-u - xhat v)
+        y = BlockInputGrad.scatter_(dense, indices, a * masked)
+        return y, xhat, inv_std, masked, xhat_at, u, v, a
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, g, indices, pooled, weight, eps = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, g, indices, pooled, weight, *output[1:])
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, g, indices, pooled, weight, xhat, inv_std, masked, xhat_at, u, v, a = ctx.saved_tensors
+        if torch.is_grad_enabled():   # a double backward: the statistics as functions of x and g
+            xhat, inv_std, masked, xhat_at, u, v, a = BlockInputGrad.statistics(
+                x, g, indices, pooled, weight, ctx.eps)
+        count = x.numel() // x.shape[1]
+        k = dy.shape[0]
+        mean_dy = dy.sum((1, 3, 4), keepdim=True) / count
+        mean_dy_xhat = (dy * xhat).sum((1, 3, 4), keepdim=True) / count
+        flat_idx = indices.flatten(-2).expand(k, *indices.shape[:-2], -1)
+        dy_at = dy.flatten(-2).gather(-1, flat_idx).view(g.shape)
+        dmasked = a * torch.addcmul(dy_at - mean_dy, xhat_at, mean_dy_xhat, value=-1)
+        dg = dmasked * (pooled > 0).to(g.dtype)
+        # dL/da per channel: sum over cotangents and positions of dy (S - u - xhat v)
+        da = ((dy_at * masked).sum((1, 3, 4), keepdim=True)
+              - count * (u * mean_dy + v * mean_dy_xhat)).sum(0)
+        # dL/dxhat: through -a xhat v directly, and through v = mean(S xhat)
+        dxhat = -(a * (dy * v).sum(0))
+        dxhat = dxhat - BlockInputGrad.scatter_(torch.zeros_like(dxhat)[None], indices,
+                                                (a * (masked * mean_dy_xhat).sum(0))[None])[0]
+        dx = inv_std * (dxhat - dxhat.mean((0, 2, 3), keepdim=True)
+                        - xhat * (dxhat * xhat).mean((0, 2, 3), keepdim=True))
+        d_inv_std = da if weight is None else da * weight.view(-1, 1, 1)
+        dx = dx - d_inv_std * inv_std * inv_std * xhat / count        # d(1/sigma)/dx
+        dweight = None if weight is None else (da * inv_std).flatten()
+        return dx, dg, None, None, dweight, None
+
+
 def _generic_input_grad(module, x, g):
     """d/dx of a parameter-free per-example module: its VJP on K stacked copies of x."""
     k, n = g.shape[:2]
@@ -161,12 +248,31 @@ def output_grads(leaves, params, inputs, cotangents, paddings):
     respect to its output, for all K cotangents [K, N, ...] at once (differentiable).
     `paddings` maps each Conv2d path to its numeric zero padding."""
     kfac_at = [i for i, (_, m) in enumerate(leaves) if isinstance(m, KFAC_TYPES)]
-    grads, g = [], cotangents
-    for i in range(len(leaves) - 1, kfac_at[0] - 1, -1):
+    grads, g, i = [], cotangents, len(leaves) - 1
+    while i >= kfac_at[0]:
         path, module = leaves[i]
         if i in kfac_at:
             grads.append(g)
             if i == kfac_at[0]:
                 break                            # nothing below the first K-FAC layer is needed
+        if _is_block(leaves, inputs, i):         # BatchNorm2d -> ReLU -> max-pool in one step
+            bn_path, bn = leaves[i - 2]
+            g = BlockInputGrad.apply(inputs[i - 2], g, inputs[i][1], _unpaired(inputs[i + 1]),
+                                     _param(params, bn_path, "weight"), bn.eps)[0]
+            i -= 3
+            continue
         g = _input_grad(path, module, params, paddings.get(path), inputs[i], g)
+        i -= 1
     return grads[::-1]
+
+
+def _unpaired(x):
+    """A leaf's recorded input (a max-pool's comes paired with its argmax indices)."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _is_block(leaves, inputs, i):
+    """Leaves i-2..i are BatchNorm2d, ReLU and a max-pool (its argmax indices recorded), and
+    the pool's output is recorded as the next leaf's input."""
+    return (i >= 2 and i + 1 < len(leaves) and isinstance(inputs[i], tuple)
+            and type(leaves[i - 1][1]) is nn.ReLU and isinstance(leaves[i - 2][1], nn.BatchNorm2d))

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import llama_fast as lf
@@ -40,6 +41,16 @@ def bn_mlp(rng):
                          nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3)).to(DT)
 
 
+def block_net(rng):
+    """BatchNorm2d -> ReLU -> max-pool blocks (one reverse step): affine-free BatchNorm into
+    overlapping padded 3x3 windows, then an affine one into a 2x2 pool feeding a pool."""
+    seeded(rng)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.MaxPool2d(3, stride=1, padding=1),
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).to(DT)
+
+
 def conv4(rng):
     seeded(rng)
     return lf.models.conv4(in_channels=1, ways=3, hidden=8, image_size=16).to(DT)
@@ -63,6 +74,7 @@ def vectors(rng, T, n, m, dims, outs, loss):
 CASES = {
     "conv4": lambda rng: (conv4(rng), images(rng, 2, 6, 4, 16), "cross_entropy"),
     "conv_net": lambda rng: (conv_net(rng), images(rng, 2, 5, 3, 19), "cross_entropy"),
+    "block_net": lambda rng: (block_net(rng), images(rng, 2, 5, 3, 11), "cross_entropy"),
     "bn_mlp": lambda rng: (bn_mlp(rng), vectors(rng, 3, 7, 4, 2, 3, "cross_entropy"), "cross_entropy"),
     # per-example (the query rides in the capture pass, its max-pool indices sliced off)
     "pool_net": lambda rng: (seeded(rng) or nn.Sequential(
@@ -127,6 +139,52 @@ def test_output_grads_are_the_vjps_of_each_layer_output(rng):
         expected = torch.autograd.grad(y, [outputs[l.name] for l in spec.layers], V[k], retain_graph=True)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g[k], e, rtol=1e-11, atol=1e-13)
+
+
+def block_vjps(x, weight, g, pool, eps):
+    """torch's own reverse step of BatchNorm (batch statistics) -> ReLU -> max-pool: one VJP per
+    cotangent, kept differentiable (double backward) in x, weight and g."""
+    y = pool(F.relu(F.batch_norm(x, None, None, weight, None, True, 0.0, eps)))
+    return torch.stack([torch.autograd.grad(y, x, gk, create_graph=True)[0] for gk in g])
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,pool", [((5, 3, 4, 4), (2, 2, 0)), ((3, 2, 6, 5), (3, 1, 1)),
+                                        ((2, 3, 7, 7), (3, 2, 1))])
+def test_block_input_grad_and_its_derivatives_are_torchs(shape, pool, affine, rng):
+    """BlockInputGrad against autograd through F.batch_norm, relu and max_pool2d on fresh
+    float64 inputs (non-overlapping, overlapping and padded windows): the reverse step itself,
+    its derivatives in x, g and gamma (the meta-gradient's path), gradcheck, gradgradcheck, and
+    vmap of its gradient over a leading dim."""
+    eps, (kernel, stride, padding) = 1e-5, pool
+    make = lambda *s: torch.randn(*s, generator=rng, dtype=DT)
+    x = make(*shape).requires_grad_()
+    weight = make(shape[1]).requires_grad_() if affine else None
+
+    def pool_fn(z, **kw):
+        return F.max_pool2d(z, kernel, stride, padding, **kw)
+    pooled, indices = pool_fn(F.relu(F.batch_norm(x, None, None, weight, None, True, 0.0, eps)),
+                              return_indices=True)
+    g = make(3, *pooled.shape).requires_grad_()
+    expected = block_vjps(x, weight, g, pool_fn, eps)
+
+    def fn(x, g, *w):
+        pooled = pool_fn(F.relu(F.batch_norm(x, None, None, w[0] if w else None, None, True, 0.0, eps)))
+        return backprop.BlockInputGrad.apply(x, g, indices, pooled, w[0] if w else None, eps)[0]
+    inputs = [x, g] + ([weight] if affine else [])
+    got = fn(*inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    dy = make(*got.shape)
+    for a, b in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(expected, inputs, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    xs, gs = x.detach() + 0.1 * make(2, *shape), make(2, *g.shape)
+    grad_fn = torch.func.grad(lambda x, g: (fn(x, g, *inputs[2:]) ** 2).sum(), (0, 1))
+    vmapped = torch.func.vmap(grad_fn)(xs, gs)
+    for i in range(2):
+        for got_i, expected_i in zip((v[i] for v in vmapped), grad_fn(xs[i], gs[i])):
+            torch.testing.assert_close(got_i, expected_i, rtol=1e-12, atol=1e-12)
 
 
 def test_which_networks_take_the_stacked_pass():
