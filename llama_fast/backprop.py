@@ -273,6 +273,9 @@ def _unpaired(x):
 
 def _is_block(leaves, inputs, i):
     """Leaves i-2..i are BatchNorm2d, ReLU and a max-pool (its argmax indices recorded), and
-    the pool's output is recorded as the next leaf's input."""
+    the pool's output is recorded as the next leaf's input. Not under torch.compile: dynamo
+    cannot vmap an autograd.Function (generate_vmap_rule or not), so a compiled capture takes
+    the three steps one by one (same values and gradients)."""
     return (i >= 2 and i + 1 < len(leaves) and isinstance(inputs[i], tuple)
-            and type(leaves[i - 1][1]) is nn.ReLU and isinstance(leaves[i - 2][1], nn.BatchNorm2d))
+            and type(leaves[i - 1][1]) is nn.ReLU and isinstance(leaves[i - 2][1], nn.BatchNorm2d)
+            and not torch.compiler.is_compiling())

@@ -3,6 +3,7 @@ low-rank A included) traces into one graph through the ops' fake registrations a
 eager in value and gradient. (aot_eager keeps the test fast; the inductor backend was also
 checked by hand, see README "torch.compile".)"""
 
+import pytest
 import torch
 
 from llama_fast.meta import curvature_logdet
@@ -30,20 +31,30 @@ def test_curvature_logdet_compiles_fullgraph(rng):
         torch.testing.assert_close(x, y)
 
 
-def test_meta_objective_compiles_with_graph_breaks(rng):
+@pytest.mark.parametrize("network", ["mlp", "conv4"])
+def test_meta_objective_compiles_with_graph_breaks(network, rng):
     """torch.compile (fullgraph=False) of the whole second-order LLAMA objective: dynamo traces
     the vmapped inner loop (torch.func) and the curvature; the hook registration is a graph
-    break. The meta-gradient equals eager's."""
+    break; Conv-4's BatchNorm -> ReLU -> max-pool blocks take their reverse steps one by one
+    (dynamo cannot vmap backprop.BlockInputGrad). The meta-gradient equals eager's."""
     import llama_fast as lf
     from llama_fast.meta import meta_objective
 
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    net = lf.models.mlp(hidden=(6, 6))
-    batch = lf.TaskBatch(torch.randn(2, 5, 1, generator=rng), torch.randn(2, 5, 1, generator=rng),
-                         torch.randn(2, 7, 1, generator=rng), torch.randn(2, 7, 1, generator=rng))
+    if network == "mlp":
+        net, loss, steps = lf.models.mlp(hidden=(6, 6)), "mse", 2
+        x = lambda k: torch.randn(2, k, 1, generator=rng)
+        y = lambda k: torch.randn(2, k, 1, generator=rng)
+    else:
+        # float64: eager's fused block and the compiled steps round differently in float32
+        net = lf.models.conv4(in_channels=1, ways=3, hidden=4, image_size=16).double()
+        loss, steps = "cross_entropy", 1
+        x = lambda k: torch.randn(2, k, 1, 16, 16, generator=rng, dtype=torch.float64)
+        y = lambda k: torch.randint(0, 3, (2, k), generator=rng)
+    batch = lf.TaskBatch(x(5), y(5), x(7), y(7))
 
     def objective(batch):
-        return meta_objective(net, batch, algorithm="llama", loss="mse", inner_lr=0.1, inner_steps=2,
+        return meta_objective(net, batch, algorithm="llama", loss=loss, inner_lr=0.1, inner_steps=steps,
                               eta=0.1, damping=0.5)[0]
 
     compiled = torch.compile(objective, backend="aot_eager")
