@@ -5,8 +5,8 @@ Omniglot 5-shot and miniImageNet (84x84, 32 filters) 1-shot (one of their T = 32
 5-25 s on the CPU; `python meta_workloads.py interleaved WORKLOAD 32 DEVICE` measures it).
 Workloads: meta_workloads.py.
 
-Each benchmark records tasks/s and the step's peak memory (measured in a fresh subprocess,
-see meta_workloads.py); the terminal summary prints the LLAMA/MAML time and memory ratios and
+Each benchmark records tasks/s and the step's peak memory (on the CPU in a fresh subprocess,
+see meta_workloads.py; on CUDA in-process); the terminal summary prints the LLAMA/MAML time and memory ratios and
 the vmapped MAML's speed-up over the loop. Every algorithm other than MAML runs paired with a
 MAML step before each of its rounds (lf_workloads.alternate), and its "x MAML" ratio is to
 that interleaved MAML median: steps timed seconds apart on a shared machine differ by more
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from lf_workloads import alternate, timed_call
-from meta_workloads import make, step_fn
+from meta_workloads import make, peak_memory, step_fn
 
 HERE = Path(__file__).parent
 ALGORITHMS = ["maml", "fomaml", "llama", "loop-maml"]
@@ -32,7 +32,13 @@ CASES = [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)] + \
 
 
 def measured_peak(workload, T, algorithm, device):
-    """Peak memory of one step in a fresh process (bytes), or None if the probe failed."""
+    """Peak memory of one step (bytes), or None if the probe failed. On CUDA in this process:
+    the allocator's peak over the step minus what was allocated before it counts only that
+    step's tensors (and a fresh process per case, CUDA start-up included, would add minutes
+    to device_check.sh). On the CPU in a fresh process: the resident-size probe sees
+    everything the process holds."""
+    if device == "cuda":
+        return peak_memory(workload, T, algorithm, device)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, str(HERE / "meta_workloads.py"), workload, str(T), algorithm, device],
                          capture_output=True, text=True, env=env, cwd=HERE)
