@@ -6,8 +6,8 @@ Omniglot 5-shot and miniImageNet (84x84, 32 filters) 1-shot (one of their T = 32
 Workloads: meta_workloads.py.
 
 Each benchmark records tasks/s and the step's peak memory (on the CPU in a fresh subprocess,
-see meta_workloads.py; on CUDA in-process); the terminal summary prints the LLAMA/MAML time and memory ratios and
-the vmapped MAML's speed-up over the loop. Every algorithm other than MAML runs paired with a
+see meta_workloads.py; on CUDA in-process); the terminal summary prints the LLAMA/MAML time
+and memory ratios and the vmapped MAML's speed-up over the loop. Every algorithm other than MAML runs paired with a
 MAML step before each of its rounds (lf_workloads.alternate), and its "x MAML" ratio is to
 that interleaved MAML median: steps timed seconds apart on a shared machine differ by more
 than the ratios being measured.
