@@ -126,12 +126,17 @@ def _batch_norm_input_grad(module, weight, x, g):
     return inv_std * centred
 
 
+def _argmax_positions(indices, k):
+    """max_pool2d's argmax indices [..., h, w] as flat positions [k, ..., h * w], one copy per
+    cotangent (an expanded view)."""
+    return indices.flatten(-2).expand(k, *indices.shape[:-2], -1)
+
+
 def _max_pool_input_grad(x, indices, g):
     """d/dx of max_pool2d against g [K, N, C, h, w]: g scattered to the argmax positions."""
     k = g.shape[0]
-    flat_idx = indices.flatten(-2).expand(k, *indices.shape[:-2], -1)
     grad = g.new_zeros(k, *x.shape[:-2], x.shape[-2] * x.shape[-1])
-    return grad.scatter_add(-1, flat_idx, g.flatten(-2)).view(k, *x.shape)
+    return grad.scatter_add(-1, _argmax_positions(indices, k), g.flatten(-2)).view(k, *x.shape)
 
 
 class BlockInputGrad(torch.autograd.Function):
@@ -168,19 +173,12 @@ class BlockInputGrad(torch.autograd.Function):
         return xhat, inv_std, masked, xhat_at, u, v, a
 
     @staticmethod
-    def scatter_(dense, indices, values):
-        """Adds values [K, N, C, h, w] at the argmax positions of dense [K, N, C, H, W], in place
-        (dense is a fresh tensor of this function's own)."""
-        k = values.shape[0]
-        flat_idx = indices.flatten(-2).expand(k, *indices.shape[:-2], -1)
-        dense.view(*dense.shape[:-2], -1).scatter_add_(-1, flat_idx, values.flatten(-2))
-        return dense
-
-    @staticmethod
     def forward(x, g, indices, pooled, weight, eps):
         xhat, inv_std, masked, xhat_at, u, v, a = BlockInputGrad.statistics(x, g, indices, pooled, weight, eps)
-        dense = torch.addcmul(-(a * u), xhat, a * v, value=-1)       # a (-u - xhat v)
-        y = BlockInputGrad.scatter_(dense, indices, a * masked)
+        y = torch.addcmul(-(a * u), xhat, a * v, value=-1)           # a (-u - xhat v)
+        values = a * masked                                          # + a S, in place in y
+        y.view(*y.shape[:-2], -1).scatter_add_(-1, _argmax_positions(indices, values.shape[0]),
+                                               values.flatten(-2))
         return y, xhat, inv_std, masked, xhat_at, u, v, a
 
     @staticmethod
@@ -200,8 +198,7 @@ class BlockInputGrad(torch.autograd.Function):
         k = dy.shape[0]
         mean_dy = dy.sum((1, 3, 4), keepdim=True) / count
         mean_dy_xhat = (dy * xhat).sum((1, 3, 4), keepdim=True) / count
-        flat_idx = indices.flatten(-2).expand(k, *indices.shape[:-2], -1)
-        dy_at = dy.flatten(-2).gather(-1, flat_idx).view(g.shape)
+        dy_at = dy.flatten(-2).gather(-1, _argmax_positions(indices, k)).view(g.shape)
         dmasked = a * torch.addcmul(dy_at - mean_dy, xhat_at, mean_dy_xhat, value=-1)
         dg = dmasked * (pooled > 0).to(g.dtype)
         # dL/da per channel: sum over cotangents and positions of dy (S - u - xhat v)
@@ -209,8 +206,7 @@ class BlockInputGrad(torch.autograd.Function):
               - count * (u * mean_dy + v * mean_dy_xhat)).sum(0)
         # dL/dxhat: through -a xhat v directly, and through v = mean(S xhat)
         dxhat = -(a * (dy * v).sum(0))
-        dxhat = dxhat - BlockInputGrad.scatter_(torch.zeros_like(dxhat)[None], indices,
-                                                (a * (masked * mean_dy_xhat).sum(0))[None])[0]
+        dxhat = dxhat - _max_pool_input_grad(dxhat, indices, (a * (masked * mean_dy_xhat).sum(0))[None])[0]
         dx = inv_std * (dxhat - dxhat.mean((0, 2, 3), keepdim=True)
                         - xhat * (dxhat * xhat).mean((0, 2, 3), keepdim=True))
         d_inv_std = da if weight is None else da * weight.view(-1, 1, 1)
