@@ -34,6 +34,7 @@ from . import reference
 from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model, task_loss
 from .kfac import kfac_factors
 from .logdet import kron_logdet
+from .lowrank import LowRankFactor
 
 __all__ = ["TaskBatch", "MetaStepResult", "meta_step", "meta_objective"]
 
@@ -250,15 +251,35 @@ def split_params(model, spec, params=None):
     return fast, tensors
 
 
-def curvature_logdet(a, g, biases, damping, scale, backend):
-    """Per-task log det H from the captured rows: one batched call for all layers. A factor
+def curvature_factors(a, g, biases, backend):
+    """Per-layer (A, G) lists from the captured rows: one batched call for all layers. A factor
     built from fewer rows than its width (the sinusoid's 40-wide G's from 10 support points,
     Conv-4's 577-wide A's from 45 or 245 patch rows) comes as a LowRankFactor whose dual Gram
-    matrix the same launch computes."""
+    matrix the same launch computes (backend "kernels"; "reference" is dense)."""
     if backend == "kernels":
-        A, G = kfac_factors(a, g, bias=biases, low_rank=True)
+        return kfac_factors(a, g, bias=biases, low_rank=True)
+    return reference.kfac_factors(a, g, bias=biases)
+
+
+def _cat_factor(parts):
+    """One layer's factor of all tasks from its per-call parts (tensors or LowRankFactors)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if not isinstance(first, LowRankFactor):
+        return torch.cat(parts)
+    return LowRankFactor(torch.cat([x.rows for x in parts]), first.bias, first.scale,
+                         dual=torch.cat([x.dual() for x in parts]))
+
+
+def curvature_logdet(factors, damping, scale, backend):
+    """Per-task log det H of all T tasks from the per-call factor lists, in one kron_logdet:
+    its eigendecompositions then run over a batch of matrices (the CPU kernel runs one matrix
+    per thread, which beats LAPACK's own threading on one 577 x 577 matrix at a time)."""
+    A = [_cat_factor(parts) for parts in zip(*(A for A, _ in factors))]
+    G = [_cat_factor(parts) for parts in zip(*(G for _, G in factors))]
+    if backend == "kernels":
         return kron_logdet(A, G, damping=damping, scale=scale)
-    A, G = reference.kfac_factors(a, g, bias=biases)
     return reference.kron_logdet(A, G, damping=damping, scale=scale)
 
 
@@ -368,23 +389,21 @@ def task_spans(tasks, chunk):
 
 
 def _vmapped_call(one_task, in_dims, inputs, span, cfg, biases, clock):
-    """(q_loss, accuracy, logdet or None, sq_dist) of the tasks in `span`, by one vmapped call.
-    LLAMA's curvature is taken per call, from that call's captured rows: concatenated over all
-    T tasks, the rows were the step's largest tensors (Conv-4 5-shot, T=4: 80 MB of first-layer
-    g's), past glibc's 32 MB mmap threshold, so each of them and its gradient was page-faulted
-    in afresh on every step (~100k faults per step there), and held twice."""
+    """(q_loss, accuracy, factors or None, sq_dist) of the tasks in `span`, by one vmapped
+    call. LLAMA's K-FAC factors are formed per call, from that call's captured rows:
+    concatenated over all T tasks, the rows were the step's largest tensors (Conv-4 5-shot,
+    T=4: 80 MB of first-layer g's), past glibc's 32 MB mmap threshold, so each of them and its
+    gradient was page-faulted in afresh on every step (~100k faults per step there), and held
+    twice. The factors themselves are small and are concatenated (curvature_logdet)."""
     start, stop = span
     part = [x if x is None or dim is None else x[start:stop] for x, dim in zip(inputs, in_dims)]
     q_loss, accuracy, a, g, sq_dist = torch.func.vmap(one_task, in_dims=in_dims)(*part)
     clock.lap("forward")
-    logdet = None
+    factors = None
     if cfg["llama"]:
-        damping = cfg["damping"]
-        if isinstance(damping, torch.Tensor):
-            damping = damping[start:stop]
-        logdet = curvature_logdet(a, g, biases, damping, cfg["scale"], cfg["backend"])
+        factors = curvature_factors(a, g, biases, cfg["backend"])
         clock.lap("curvature")
-    return q_loss, accuracy, logdet, sq_dist
+    return q_loss, accuracy, factors, sq_dist
 
 
 def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inner_lr=None,
@@ -424,7 +443,12 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
         biases = [layer.has_bias for layer in spec.layers]
         calls = [_vmapped_call(one_task, in_dims, inputs, span, cfg, biases, clock)
                  for span in task_spans(batch.tasks, chunk)]
-    q_loss, accuracy, logdet, sq_dist = (None if parts[0] is None else torch.cat(parts) for parts in zip(*calls))
+    q_loss, accuracy, factors, sq_dist = zip(*calls)
+    q_loss, accuracy, sq_dist = torch.cat(q_loss), torch.cat(accuracy), torch.cat(sq_dist)
+    logdet = None
+    if cfg["llama"]:
+        logdet = curvature_logdet(factors, cfg["damping"], cfg["scale"], cfg["backend"])
+        clock.lap("curvature")
     objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet
     if prior_term:
         objective = objective + 0.5 * cfg["damping"] * sq_dist
@@ -468,7 +492,8 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
         task_chunk: tasks per vmapped call: None (all T in one), an int, or "auto" (the
             default): all T on a GPU; on the CPU, chunks whose largest capture activation
             stays within 1 MB (Conv-4 28x28 1-shot: one task per call; the sinusoid MLP: all
-            in one). LLAMA's curvature is taken per chunk, from that chunk's rows. Results
+            in one). LLAMA's K-FAC factors are formed per chunk, from that chunk's rows,
+            and one kron_logdet takes all T tasks' factors. Results
             and gradients do not depend on it (one autograd graph over the chunks); memory
             and, on the CPU, time do (Conv-4 T=32 on 2 threads: MAML 4.7 -> 2.8 s, LLAMA 7.6
             -> 5.6 s against one call for all 32 tasks).

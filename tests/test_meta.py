@@ -131,6 +131,7 @@ def test_query_loss_and_accuracy_match_loop(rng):
 def test_maml_does_no_curvature_work(rng, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("MAML must not touch the curvature")
+    monkeypatch.setattr(lf.meta, "curvature_factors", forbidden)
     monkeypatch.setattr(lf.meta, "curvature_logdet", forbidden)
     monkeypatch.setattr(lf.functional.FunctionalNet, "capture_rows", forbidden)
     model = small_mlp(rng)
@@ -453,8 +454,9 @@ def test_query_riding_in_the_capture_pass_changes_nothing(fisher, rng, monkeypat
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
 @pytest.mark.parametrize("network", ["conv4", "mlp"])
 def test_task_chunks_change_nothing(network, fisher, rng):
-    """Tasks vmapped in chunks (one autograd graph over them, the curvature taken per chunk
-    with that chunk's per-task dampings and mc noise) give the same meta-loss, log-dets and
+    """Tasks vmapped in chunks (one autograd graph over them, the K-FAC factors formed per
+    chunk with that chunk's mc noise, the log-det over all chunks' factors with the per-task
+    dampings) give the same meta-loss, log-dets and
     meta-gradients as one vmap over all tasks; with the prior term too."""
     if network == "conv4":
         model, batch, loss = small_conv4(rng), image_batch(3, 3, 1, 2, 16, rng), "cross_entropy"

@@ -1,12 +1,12 @@
-"""torch.compile: the curvature part of meta_step (kfac_factors + kron_logdet on captured rows,
-low-rank A included) traces into one graph through the ops' fake registrations and matches
+"""torch.compile: the curvature part of meta_step (kfac_factors per vmapped call on captured
+rows, low-rank A included, then one kron_logdet over the calls' concatenated factors) traces into one graph through the ops' fake registrations and matches
 eager in value and gradient. (aot_eager keeps the test fast; the inductor backend was also
 checked by hand, see README "torch.compile".)"""
 
 import pytest
 import torch
 
-from llama_fast.meta import curvature_logdet
+from llama_fast.meta import curvature_factors, curvature_logdet
 
 
 def test_curvature_logdet_compiles_fullgraph(rng):
@@ -18,12 +18,18 @@ def test_curvature_logdet_compiles_fullgraph(rng):
     a = [x.requires_grad_() for x in a]
     g = [x.requires_grad_() for x in g]
 
-    def logdet(a, g):
-        return curvature_logdet(a, g, [True, True, False], 0.5, 1.5, "kernels")
+    def logdet(a, g):   # two vmapped calls: tasks [0, 1) and [1, 3)
+        biases = [True, True, False]
+        calls = [curvature_factors([x[span] for x in a], [x[span] for x in g], biases, "kernels")
+                 for span in (slice(0, 1), slice(1, 3))]
+        return curvature_logdet(calls, torch.tensor([0.5, 0.7, 0.9]), 1.5, "kernels")
 
     compiled = torch.compile(logdet, backend="aot_eager", fullgraph=True)
     got, expected = compiled(a, g), logdet(a, g)
     torch.testing.assert_close(got, expected)
+    whole = curvature_logdet([curvature_factors(a, g, [True, True, False], "kernels")],
+                             torch.tensor([0.5, 0.7, 0.9]), 1.5, "kernels")
+    torch.testing.assert_close(expected, whole)   # the concatenated calls = one call for all
     weights = torch.randn(3, generator=rng)
     grads = torch.autograd.grad((got * weights).sum(), a + g)
     want = torch.autograd.grad((expected * weights).sum(), a + g)
