@@ -797,10 +797,8 @@ def write_plots(trainer, probs) -> list[Path]:
 
 def _sample_functions(post, x, num_samples, generator) -> torch.Tensor:
     """Outputs of posterior samples on x: [T, S, M]."""
-    drawn = post.sample(num_samples, generator)
-    fast = {k: drawn[k] for k in post.spec.fast}
     with torch.no_grad():
-        f = torch.func.vmap(lambda p: post._outputs(p, x))(fast)   # [S, T, M, 1]
+        f = post.sample_outputs(post.sample(num_samples, generator), x)   # [S, T, M, 1]
     return f.squeeze(-1).transpose(0, 1)
 
 

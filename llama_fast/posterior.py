@@ -19,7 +19,7 @@ from .curvature import KronCurvature
 from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model
 from .kfac import kfac_factors
 from .meta import (BACKENDS, TaskBatch, _choice, _nonnegative, check_damping, check_targets,
-                   mc_noise, split_params)
+                   mc_noise, resolve_task_chunk, split_params, task_spans)
 
 __all__ = ["TaskPosterior", "adapt", "kron_laplace"]
 
@@ -39,8 +39,9 @@ class TaskPosterior:
             noise sigma is a ``predict`` argument, 1 by default).
     """
 
-    def __init__(self, model, spec, loss, params, fixed, A, G, damping, scale, backend):
+    def __init__(self, model, spec, loss, params, fixed, A, G, damping, scale, backend, layer_shapes):
         self.model, self.spec, self.loss = model, spec, loss
+        self.layer_shapes = layer_shapes   # per-example K-FAC layer outputs (sizes predict's chunks)
         self.params, self.fixed = params, fixed
         self.A, self.G = A, G
         self.damping, self.scale, self.backend = damping, scale, backend
@@ -96,11 +97,39 @@ class TaskPosterior:
         return out
 
     def _outputs(self, fast, x):
-        """Network outputs ``[T, M, ...]`` with per-task parameters ``fast`` ([T, ...])."""
+        """Network outputs ``[T, M, ...]`` with per-task parameters ``fast`` ([T, ...]): vmapped
+        over tasks, or, on the CPU where a task's activations are large (meta_step's
+        ``task_chunk="auto"`` rule), in chunks, a chunk of one task as one plain call. Under
+        vmap each task's weights make the convolutions grouped ones and BatchNorm folds tasks
+        into channels, which on the CPU costs several times the plain forward passes."""
         def one_task(p, xi):
             return functional_call(self.model, {**self.fixed, **p}, (xi,), strict=False)
+        chunk = self._task_chunk(x)
         with functional_mode(self.model):
-            return torch.func.vmap(one_task)(fast, x)
+            if chunk is None:
+                return torch.func.vmap(one_task)(fast, x)
+            parts = []
+            for start, stop in task_spans(self.tasks, chunk):
+                if stop - start == 1:
+                    parts.append(one_task({k: v[start] for k, v in fast.items()}, x[start]).unsqueeze(0))
+                else:
+                    parts.append(torch.func.vmap(one_task)({k: v[start:stop] for k, v in fast.items()},
+                                                          x[start:stop]))
+            return torch.cat(parts)
+
+    def _task_chunk(self, x):
+        return resolve_task_chunk("auto", self.tasks, x.device, x.shape[1], self.layer_shapes,
+                                  x.element_size())
+
+    def sample_outputs(self, samples, x):
+        """Network outputs ``[S, T, M, ...]`` of posterior samples (``sample``'s dict, or its
+        adapted entries: each ``[S, T, *shape]``) on inputs ``x [T, M, ...]``; one pass per
+        sample where ``_outputs`` takes the tasks in chunks, else vmapped over the samples."""
+        fast = {k: samples[k] for k in self.spec.fast}
+        if self._task_chunk(x) is None:
+            return torch.func.vmap(lambda p: self._outputs(p, x))(fast)
+        S = next(iter(fast.values())).shape[0]
+        return torch.stack([self._outputs({k: v[s] for k, v in fast.items()}, x) for s in range(S)])
 
     @torch.no_grad()
     def predict(self, x, num_samples: int = 0, generator=None, noise: float = 1.0):
@@ -131,9 +160,7 @@ class TaskPosterior:
         if num_samples == 0:
             f = self._outputs(self.params, x).unsqueeze(0)
         else:
-            drawn = self.sample(num_samples, generator)
-            fast = {k: drawn[k] for k in self.spec.fast}
-            f = torch.func.vmap(lambda p: self._outputs(p, x))(fast)        # [S, T, M, ...]
+            f = self.sample_outputs(self.sample(num_samples, generator), x)   # [S, T, M, ...]
         if self.loss == "cross_entropy":
             return torch.softmax(f, dim=-1).mean(0)
         mean = f.mean(0)
@@ -207,7 +234,7 @@ def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping
         A, G = kfac_factors(a, g, bias=biases, low_rank=True)   # narrow support: dual Gram eigs
     else:
         A, G = reference.kfac_factors(a, g, bias=biases)
-    return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend)
+    return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend, layer_shapes)
 
 
 def kron_laplace(model, x, y, *, loss, damping, scale=1.0, fisher="exact", backend="kernels",

@@ -194,6 +194,35 @@ def test_predict_with_samples(rng):
     assert mean.shape == std.shape == (2, 5, 1) and bool((std > 1).all())
 
 
+# A task's largest activation: 4 query rows x 4 channels x 16 x 16 float64 = 32 KB.
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 4 * 16 * 16 * 8])   # chunks of 1 and of 3 tasks
+def test_predict_in_task_chunks_equals_vmap(chunk_bytes, rng, monkeypatch):
+    """On the CPU, predict and sample_outputs take large tasks in chunks (meta_step's "auto"
+    rule; a chunk of one task is a plain call): the same outputs, point estimate and samples,
+    as one vmap over all tasks (the rule forced both ways through its byte limit), and equal
+    to a plain per-task, per-sample forward."""
+    seeded(rng)
+    model = lf.models.conv4(in_channels=1, ways=3, hidden=4, image_size=16).to(DT)
+    x = torch.randn(5, 3, 1, 16, 16, generator=rng, dtype=DT)
+    y = torch.arange(3).expand(5, 3).contiguous()
+    query = torch.randn(5, 4, 1, 16, 16, generator=rng, dtype=DT)
+    post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.4, damping=0.5)
+    samples = post.sample(3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(lf.meta, "AUTO_CHUNK_BYTES", 1 << 40)    # one vmap for all tasks
+    assert post._task_chunk(query) is None
+    whole = post.predict(query), post.sample_outputs(samples, query)
+    monkeypatch.setattr(lf.meta, "AUTO_CHUNK_BYTES", chunk_bytes)
+    assert post._task_chunk(query) == max(1, chunk_bytes // (4 * 4 * 16 * 16 * 8))
+    chunked = post.predict(query), post.sample_outputs(samples, query)
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])
+    plain = torch.stack([torch.stack([functional_call(model, {k: v[s, t] for k, v in samples.items()},
+                                                      (query[t],), strict=False) for t in range(5)])
+                         for s in range(3)])
+    torch.testing.assert_close(chunked[1], plain)
+    assert chunked[1].shape == (3, 5, 4, 3)
+
+
 def test_predict_noise(rng):
     """std = sqrt(var_s f + noise**2) with the same draws; a bad noise is a ValueError naming it;
     classification ignores it."""
