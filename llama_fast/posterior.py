@@ -117,6 +117,32 @@ class TaskPosterior:
                                                           x[start:stop]))
             return torch.cat(parts)
 
+    def _check_inputs(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.tasks:
+            raise ValueError(f"x must be a tensor [T={self.tasks}, M, ...], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+
+    def _check_samples(self, samples):
+        """The adapted entries of `samples`, each [S, T, *shape] with one S."""
+        if not isinstance(samples, dict):
+            raise TypeError(f"samples must be a dict of tensors by parameter name (sample()'s), "
+                            f"got {type(samples).__name__}")
+        missing = [k for k in self.spec.fast if k not in samples]
+        if missing:
+            raise ValueError(f"samples lacks the adapted parameters {missing}")
+        fast = {k: samples[k] for k in self.spec.fast}
+        S = None
+        for k, v in fast.items():
+            want = (self.tasks, *self.params[k].shape[1:])
+            if not isinstance(v, torch.Tensor) or v.dim() != len(want) + 1 or tuple(v.shape[1:]) != want:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"samples[{k!r}] must have shape [S, T={self.tasks}, "
+                                 f"{', '.join(map(str, want[1:]))}], got {got}")
+            if S is not None and v.shape[0] != S:
+                raise ValueError(f"samples[{k!r}] has S={v.shape[0]} samples but others have S={S}")
+            S = v.shape[0]
+        return fast
+
     def _task_chunk(self, x):
         return resolve_task_chunk("auto", self.tasks, x.device, x.shape[1], self.layer_shapes,
                                   x.element_size())
@@ -125,7 +151,8 @@ class TaskPosterior:
         """Network outputs ``[S, T, M, ...]`` of posterior samples (``sample``'s dict, or its
         adapted entries: each ``[S, T, *shape]``) on inputs ``x [T, M, ...]``; one pass per
         sample where ``_outputs`` takes the tasks in chunks, else vmapped over the samples."""
-        fast = {k: samples[k] for k in self.spec.fast}
+        self._check_inputs(x)
+        fast = self._check_samples(samples)
         if self._task_chunk(x) is None:
             return torch.func.vmap(lambda p: self._outputs(p, x))(fast)
         S = next(iter(fast.values())).shape[0]
@@ -151,9 +178,7 @@ class TaskPosterior:
             samples; ``std = sqrt(var_s f + noise**2)``.
         """
         noise = _check_noise(noise)
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.tasks:
-            raise ValueError(f"x must be a tensor [T={self.tasks}, M, ...], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        self._check_inputs(x)
         num_samples = int(num_samples)
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")

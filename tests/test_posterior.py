@@ -221,6 +221,16 @@ def test_predict_in_task_chunks_equals_vmap(chunk_bytes, rng, monkeypatch):
                          for s in range(3)])
     torch.testing.assert_close(chunked[1], plain)
     assert chunked[1].shape == (3, 5, 4, 3)
+    with pytest.raises(ValueError, match=r"x must be a tensor \[T=5, M, ...\]"):
+        post.sample_outputs(samples, query[:2])
+    with pytest.raises(ValueError, match="samples lacks the adapted parameters"):
+        post.sample_outputs({}, query)
+    bad = dict(samples, **{"0.weight": samples["0.weight"][:, :2]})
+    with pytest.raises(ValueError, match=r"samples\['0.weight'\] must have shape \[S, T=5, 4, 1, 3, 3\]"):
+        post.sample_outputs(bad, query)
+    bad = dict(samples, **{"0.weight": samples["0.weight"][:2]})
+    with pytest.raises(ValueError, match=r"has S=3 samples but others have S=2"):
+        post.sample_outputs(bad, query)
 
 
 def test_predict_noise(rng):
