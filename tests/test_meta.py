@@ -451,13 +451,18 @@ def test_query_riding_in_the_capture_pass_changes_nothing(fisher, rng, monkeypat
     assert_grads_close(merged, separate, rtol=1e-10)
 
 
+@pytest.mark.parametrize("capture", ["stacked", "vjp"])
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
 @pytest.mark.parametrize("network", ["conv4", "mlp"])
-def test_task_chunks_change_nothing(network, fisher, rng):
+def test_task_chunks_change_nothing(network, fisher, capture, rng, monkeypatch):
     """Tasks vmapped in chunks (one autograd graph over them, the K-FAC factors formed per
     chunk with that chunk's mc noise, the log-det over all chunks' factors with the per-task
-    dampings) give the same meta-loss, log-dets and
-    meta-gradients as one vmap over all tasks; with the prior term too."""
+    dampings; a chunk of one task a plain call) give the same meta-loss, log-dets and
+    meta-gradients as one vmap over all tasks; with the prior term too, and through either
+    capture (the written-out reverse pass, or hooks, probes and a VJP per cotangent)."""
+    if capture == "vjp":
+        real_inspect = lf.meta.inspect_model
+        monkeypatch.setattr(lf.meta, "inspect_model", lambda m: dataclasses.replace(real_inspect(m), leaves=None))
     if network == "conv4":
         model, batch, loss = small_conv4(rng), image_batch(3, 3, 1, 2, 16, rng), "cross_entropy"
     else:
