@@ -218,7 +218,7 @@ def check_targets(y, out_shape, loss, name):
 # slow in oneDNN), BatchNorm folds tasks into channels through copies, and tensors past glibc's
 # 32 MB mmap threshold are page-faulted in afresh on every allocation. The sinusoid MLP's
 # 1.6 KB tasks stay in one call: there a chunk costs more in Python overhead than it saves.
-# A chunk of one task is since called without vmap at all (_call_tasks), which removes the
+# A chunk of one task is since called without vmap at all (call_tasks), which removes the
 # batching rules' copies as well: T=4 MAML 349 -> 279 ms, LLAMA 611 -> 503 ms (medians of 8).
 AUTO_CHUNK_BYTES = 1 << 20
 
@@ -390,29 +390,45 @@ def task_spans(tasks, chunk):
     return [(start, min(start + step, tasks)) for start in range(0, tasks, step)]
 
 
-def _call_tasks(one_task, in_dims, inputs, span):
+def call_tasks(one_task, in_dims, inputs, span):
     """one_task's outputs for the tasks in `span`, each with a leading task dim: vmapped, or,
     for a single task (the CPU's default chunk for Conv-4), one plain call. Under vmap a batch
     of one still pays for the batching rules: BatchNorm folds the task dim into its channels
     through copies, and a convolution's bias and grouped weights are rearranged, on every
-    forward and backward pass."""
+    forward and backward pass. Inputs and outputs are tensors, or tuples, lists and dicts of
+    them (an input may be None)."""
     start, stop = span
     if stop - start == 1:
-        part = [x if x is None or dim is None else x[start] for x, dim in zip(inputs, in_dims)]
-        q_loss, accuracy, a, g, sq_dist = one_task(*part)
-        return (q_loss[None], accuracy[None], [x[None] for x in a], [x[None] for x in g], sq_dist[None])
-    part = [x if x is None or dim is None else x[start:stop] for x, dim in zip(inputs, in_dims)]
+        part = [x if dim is None else _take(x, start) for x, dim in zip(inputs, in_dims)]
+        return _add_task_dim(one_task(*part))
+    part = [x if dim is None else _take(x, slice(start, stop)) for x, dim in zip(inputs, in_dims)]
     return torch.func.vmap(one_task, in_dims=in_dims)(*part)
 
 
-def _vmapped_call(one_task, in_dims, inputs, span, cfg, biases, clock):
-    """(q_loss, accuracy, factors or None, sq_dist) of the tasks in `span`, by one vmapped
-    call. LLAMA's K-FAC factors are formed per call, from that call's captured rows:
+def _take(x, index):
+    """x[index] of a tensor, or of every tensor in a dict; None stays None."""
+    if isinstance(x, dict):
+        return {k: v[index] for k, v in x.items()}
+    return None if x is None else x[index]
+
+
+def _add_task_dim(out):
+    """A leading task dim of size 1 on every tensor of a (nested) tuple, list or dict."""
+    if isinstance(out, torch.Tensor):
+        return out.unsqueeze(0)
+    if isinstance(out, dict):
+        return {k: _add_task_dim(v) for k, v in out.items()}
+    return type(out)(_add_task_dim(v) for v in out)
+
+
+def _call_chunk(one_task, in_dims, inputs, span, cfg, biases, clock):
+    """(q_loss, accuracy, factors or None, sq_dist) of the tasks in `span`, by one call_tasks.
+    LLAMA's K-FAC factors are formed per call, from that call's captured rows:
     concatenated over all T tasks, the rows were the step's largest tensors (Conv-4 5-shot,
     T=4: 80 MB of first-layer g's), past glibc's 32 MB mmap threshold, so each of them and its
     gradient was page-faulted in afresh on every step (~100k faults per step there), and held
     twice. The factors themselves are small and are concatenated (curvature_logdet)."""
-    q_loss, accuracy, a, g, sq_dist = _call_tasks(one_task, in_dims, inputs, span)
+    q_loss, accuracy, a, g, sq_dist = call_tasks(one_task, in_dims, inputs, span)
     clock.lap("forward")
     factors = None
     if cfg["llama"]:
@@ -456,7 +472,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
                                    batch.support_x.element_size())
         inputs = (batch.support_x, batch.support_y, batch.query_x, batch.query_y, noise)
         biases = [layer.has_bias for layer in spec.layers]
-        calls = [_vmapped_call(one_task, in_dims, inputs, span, cfg, biases, clock)
+        calls = [_call_chunk(one_task, in_dims, inputs, span, cfg, biases, clock)
                  for span in task_spans(batch.tasks, chunk)]
     q_loss, accuracy, factors, sq_dist = zip(*calls)
     q_loss, accuracy, sq_dist = torch.cat(q_loss), torch.cat(accuracy), torch.cat(sq_dist)

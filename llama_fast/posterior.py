@@ -17,9 +17,9 @@ from torch.func import functional_call
 from . import reference
 from .curvature import KronCurvature
 from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model
-from .kfac import kfac_factors
-from .meta import (BACKENDS, TaskBatch, _choice, _nonnegative, check_damping, check_targets,
-                   mc_noise, resolve_task_chunk, split_params, task_spans)
+from .meta import (BACKENDS, TaskBatch, _choice, _nonnegative, call_tasks, check_damping,
+                   check_targets, curvature_factors, mc_noise, resolve_task_chunk, split_params,
+                   task_spans)
 
 __all__ = ["TaskPosterior", "adapt", "kron_laplace"]
 
@@ -104,18 +104,9 @@ class TaskPosterior:
         into channels, which on the CPU costs several times the plain forward passes."""
         def one_task(p, xi):
             return functional_call(self.model, {**self.fixed, **p}, (xi,), strict=False)
-        chunk = self._task_chunk(x)
         with functional_mode(self.model):
-            if chunk is None:
-                return torch.func.vmap(one_task)(fast, x)
-            parts = []
-            for start, stop in task_spans(self.tasks, chunk):
-                if stop - start == 1:
-                    parts.append(one_task({k: v[start] for k, v in fast.items()}, x[start]).unsqueeze(0))
-                else:
-                    parts.append(torch.func.vmap(one_task)({k: v[start:stop] for k, v in fast.items()},
-                                                          x[start:stop]))
-            return torch.cat(parts)
+            return torch.cat([call_tasks(one_task, (0, 0), (fast, x), span)
+                              for span in task_spans(self.tasks, self._task_chunk(x))])
 
     def _check_inputs(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.tasks:
@@ -254,11 +245,7 @@ def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping
 
         phi, a, g = torch.func.vmap(one_task, in_dims=(0, 0, None if noise is None else 0))(
             support_x, support_y, noise)
-    biases = [layer.has_bias for layer in spec.layers]
-    if backend == "kernels":
-        A, G = kfac_factors(a, g, bias=biases, low_rank=True)   # narrow support: dual Gram eigs
-    else:
-        A, G = reference.kfac_factors(a, g, bias=biases)
+    A, G = curvature_factors(a, g, [layer.has_bias for layer in spec.layers], backend)
     return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend, layer_shapes)
 
 

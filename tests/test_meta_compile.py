@@ -1,7 +1,8 @@
 """torch.compile: the curvature part of meta_step (kfac_factors per vmapped call on captured
-rows, low-rank A included, then one kron_logdet over the calls' concatenated factors) traces into one graph through the ops' fake registrations and matches
-eager in value and gradient. (aot_eager keeps the test fast; the inductor backend was also
-checked by hand, see README "torch.compile".)"""
+rows, low-rank A included, then one kron_logdet over the calls' concatenated factors) traces
+into one graph through the ops' fake registrations and matches eager in value and gradient.
+(aot_eager keeps the test fast; the inductor backend was also checked by hand, see README
+"torch.compile".)"""
 
 import pytest
 import torch
