@@ -14,12 +14,14 @@ void check_chol_input(const at::Tensor& M) {
               "chol_logdet: M must be float32 or float64, got ", M.scalar_type());
 }
 
-CholOutput chol_output(const at::Tensor& M, const at::Tensor& L, const at::Tensor& info) {
-  const at::Tensor lower = L.tril();
-  const at::Tensor logdet = (2 * lower.diagonal(0, -2, -1).log().sum(-1))
-                                .masked_fill(info != 0, std::numeric_limits<double>::quiet_NaN());
+CholOutput chol_output(const at::Tensor& M, const at::Tensor& L, const at::Tensor& info,
+                       const at::Tensor& logdet) {
+  const at::Tensor flat_logdet =
+      logdet.defined() ? logdet
+                       : (2 * L.diagonal(0, -2, -1).log().sum(-1))
+                             .masked_fill(info != 0, std::numeric_limits<double>::quiet_NaN());
   const auto lead = M.sizes().slice(0, M.dim() - 2);
-  return {logdet.view(lead), lower.view(M.sizes()), info.view(lead)};
+  return {flat_logdet.view(lead), L.view(M.sizes()), info.view(lead)};
 }
 
 }  // namespace llama_fast

@@ -15,8 +15,10 @@ using CholOutput = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // M must be [..., d, d] square, float32/float64.
 void check_chol_input(const at::Tensor& M);
 
-// The op's outputs from the factorised flat batch L [B, d, d] (lower triangle valid) and info:
-// L made triangular, log det = 2 * sum log diag(L) (NaN where info != 0), M's leading dims.
-CholOutput chol_output(const at::Tensor& M, const at::Tensor& L, const at::Tensor& info);
+// The op's outputs from the factorised flat batch L [B, d, d] (lower triangular, zeros above)
+// and info, reshaped to M's leading dims; log det = 2 * sum log diag(L) (NaN where info != 0)
+// unless the kernel computed it already (`logdet` [B] defined).
+CholOutput chol_output(const at::Tensor& M, const at::Tensor& L, const at::Tensor& info,
+                       const at::Tensor& logdet = at::Tensor());
 
 }  // namespace llama_fast

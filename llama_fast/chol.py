@@ -2,7 +2,9 @@
 
 The compiled op torch.ops.llama_fast.chol_logdet returns (logdet, L, info); info is 0, or the
 first non-positive pivot + 1 (logdet is NaN there), instead of an exception in the kernel.
-Backward: d logdet / dM = M^-1, from the factor (cholesky_inverse).
+Backward: d logdet / dM = M^-1, from the factor (cholesky_inverse); its autograd formula is
+registered in C++ (csrc/chol_autograd.cpp), this module adds the fake (meta) implementation
+for torch.compile and the user-facing wrapper.
 """
 
 import torch
@@ -15,22 +17,6 @@ __all__ = ["chol_logdet"]
 @torch.library.register_fake("llama_fast::chol_logdet")
 def _chol_fake(M):
     return M.new_empty(M.shape[:-2]), M.new_empty(M.shape), M.new_empty(M.shape[:-2], dtype=torch.int32)
-
-
-def _setup_context(ctx, inputs, output):
-    _, L, info = output
-    ctx.mark_non_differentiable(L, info)
-    ctx.save_for_backward(L)
-
-
-def _backward(ctx, d_logdet, _d_L, _d_info):
-    if torch.is_grad_enabled():
-        raise RuntimeError("chol_logdet: double backward is not supported")
-    (L,) = ctx.saved_tensors
-    return d_logdet[..., None, None] * torch.cholesky_inverse(L)
-
-
-torch.library.register_autograd("llama_fast::chol_logdet", _backward, setup_context=_setup_context)
 
 
 def chol_logdet(M: torch.Tensor, *, check: bool = False) -> torch.Tensor:

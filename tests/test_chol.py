@@ -8,9 +8,10 @@ import llama_fast as lf
 from llama_fast import reference
 
 
-@pytest.fixture(params=["auto", "portable"])
+@pytest.fixture(params=["auto", "portable", "lapack"])
 def cpu_chol(request, monkeypatch):
-    """Runs a CPU test under each CPU path (portable is the CUDA kernel's arithmetic)."""
+    """Runs a CPU test under each CPU path (portable is the CUDA kernel's arithmetic; "auto"
+    takes it up to order 96, LAPACK above)."""
     monkeypatch.setenv("LLAMA_FAST_CPU_CHOL", request.param)
     return request.param
 
@@ -57,3 +58,34 @@ def test_bad_input(device):
         lf.chol_logdet(torch.randn(3, 4, device=device))
     with pytest.raises(ValueError, match="float32 or float64"):
         lf.chol_logdet(torch.eye(3, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("d", [3, 96, 97, 150])
+def test_gradient_and_batch_shapes_on_both_sides_of_the_path_switch(device, cpu_chol, d, rng):
+    """Leading dims [2, 3] (the op flattens and restores them, LAPACK's factor is column-major),
+    orders on both sides of the portable/LAPACK switch: log-det and gradient M^-1 as the
+    reference's (autograd through torch.linalg.cholesky), L @ L^T = M."""
+    if device.type == "cuda" and cpu_chol != "auto":
+        pytest.skip("CPU path choice does not apply to CUDA")
+    M = spd((2, 3), d, rng).to(device).requires_grad_()
+    weights = torch.randn(2, 3, generator=rng, dtype=torch.float64).to(device)
+    logdet, L, info = torch.ops.llama_fast.chol_logdet(M)
+    assert logdet.shape == (2, 3) and L.shape == M.shape and info.shape == (2, 3)
+    torch.testing.assert_close(L @ L.mT, M.detach(), rtol=1e-10, atol=1e-10)
+    expected = reference.chol_logdet(M)
+    torch.testing.assert_close(logdet, expected, rtol=1e-10, atol=1e-10 * d)
+    (grad,) = torch.autograd.grad((lf.chol_logdet(M) * weights).sum(), M)
+    (want,) = torch.autograd.grad((expected * weights).sum(), M)
+    torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-8)
+
+
+def test_double_backward_raises(device, rng):
+    """A backward that would record its own graph (create_graph=True) raises, as kron_logdet's."""
+    M = spd((2,), 4, rng).to(device).requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(lf.chol_logdet(M).sum(), M, create_graph=True)
+
+
+def test_empty_batch(device):
+    logdet, L, info = torch.ops.llama_fast.chol_logdet(torch.empty(0, 4, 4, device=device))
+    assert logdet.shape == (0,) and L.shape == (0, 4, 4) and info.shape == (0,)

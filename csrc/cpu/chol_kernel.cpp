@@ -1,13 +1,21 @@
 // CPU kernel of chol_logdet: batched Cholesky factorisation and log-determinant. Two paths:
 //  - "portable": the right-looking Cholesky shared with the CUDA kernel (chol_common.h),
-//    serially per matrix, parallel over matrices with at::parallel_for;
-//  - "lapack": LAPACK's potrf through ATen's batched linalg_cholesky_ex (default: blocked
-//    LAPACK is faster than the unblocked loop on the CPU).
+//    serially per matrix, parallel over matrices with at::parallel_for; the default up to
+//    order kPortableMaxOrder, where it beats LAPACK's per-matrix calls;
+//  - "lapack": LAPACK's potrf through ATen's batched linalg_cholesky_ex (blocked: faster
+//    for larger matrices).
+// Either way the factor comes out with zeros above the diagonal and the log-det from its
+// diagonal in the same pass, without further copies of the batch (a 32 x 577 x 577 batch
+// took 96 ms against torch.linalg.cholesky's 57 ms with a clone and a tril copy around it).
 // LLAMA_FAST_CPU_CHOL=portable|lapack forces one path (the tests run both).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
 
 #include "../chol.h"
 #include "../chol_common.h"
@@ -28,30 +36,70 @@ int cholesky_in_place(T* A, int64_t d) {
   return 0;
 }
 
+// Measured on the 2-core EPYC (forward, float32, batch T), portable vs LAPACK: d = 65, T = 4:
+// 0.055 vs 0.085 ms, T = 32: 0.28 vs 0.52 ms; d = 130, T = 4: 0.29 vs 0.26 ms, T = 32: 1.8 vs
+// 2.3 ms; d = 245, T = 4: 1.8 vs 0.9 ms.
+constexpr int64_t kPortableMaxOrder = 96;
+
+// 2 * sum log diag(L) of one factor whose diagonal entries lie `step` apart, NaN if it failed
+// (info != 0).
 template <typename T>
-void portable_batch(at::Tensor& L, at::Tensor& info) {
+T logdet_of_factor(const T* L, int64_t d, int64_t step, int info) {
+  if (info != 0) return std::numeric_limits<T>::quiet_NaN();
+  T sum = 0;
+  for (int64_t j = 0; j < d; ++j) sum += std::log(L[j * step]);
+  return 2 * sum;
+}
+
+// Factorises every matrix of L [B, d, d] (a private copy) in place, zeroes its upper
+// triangle and writes the log-det.
+template <typename T>
+void portable_batch(at::Tensor& L, at::Tensor& info, at::Tensor& logdet) {
   const int64_t d = L.size(-1);
   int* info_ptr = info.data_ptr<int>();
   T* data = L.data_ptr<T>();
+  T* out = logdet.data_ptr<T>();
   at::parallel_for(0, L.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) info_ptr[b] = cholesky_in_place(data + b * d * d, d);
+    for (int64_t b = begin; b < end; ++b) {
+      T* A = data + b * d * d;
+      info_ptr[b] = cholesky_in_place(A, d);
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t k = i + 1; k < d; ++k) A[i * d + k] = T(0);
+      out[b] = logdet_of_factor(A, d, d + 1, info_ptr[b]);
+    }
   });
+}
+
+// LAPACK's factor of the batch (column-major, as potrf leaves it, zeros above the diagonal).
+template <typename T>
+void lapack_batch(const at::Tensor& flat, at::Tensor& L, at::Tensor& info, at::Tensor& logdet) {
+  std::tie(L, info) = at::linalg_cholesky_ex(flat);
+  const T* data = L.data_ptr<T>();
+  const int* info_ptr = info.data_ptr<int>();
+  T* out = logdet.data_ptr<T>();
+  for (int64_t b = 0; b < L.size(0); ++b)
+    out[b] = logdet_of_factor(data + b * L.stride(0), L.size(-1), L.stride(1) + L.stride(2), info_ptr[b]);
 }
 
 CholOutput chol_logdet_cpu(const at::Tensor& M) {
   check_chol_input(M);
   const int64_t d = M.size(-1);
-  at::Tensor L = M.reshape({-1, d, d}).contiguous().clone();
-  at::Tensor info = at::zeros({L.size(0)}, L.options().dtype(at::kInt));
-  if (L.numel() > 0) {
-    if (cpu_path_from_env("LLAMA_FAST_CPU_CHOL", "portable", "lapack") == CpuPath::kFirst) {
-      AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "chol_logdet_cpu",
-                                 [&] { portable_batch<scalar_t>(L, info); });
-    } else {
-      std::tie(L, info) = at::linalg_cholesky_ex(L);
-    }
+  const at::Tensor flat = M.reshape({-1, d, d});
+  at::Tensor logdet = at::empty({flat.size(0)}, M.options());
+  at::Tensor info = at::zeros({flat.size(0)}, M.options().dtype(at::kInt));
+  if (flat.numel() == 0) return chol_output(M, flat.clone(), info, logdet);
+  const CpuPath path = cpu_path_from_env("LLAMA_FAST_CPU_CHOL", "portable", "lapack");
+  const bool portable = path == CpuPath::kFirst || (path == CpuPath::kAuto && d <= kPortableMaxOrder);
+  at::Tensor L;
+  if (portable) {
+    L = flat.clone(at::MemoryFormat::Contiguous);
+    AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "chol_logdet_cpu",
+                               [&] { portable_batch<scalar_t>(L, info, logdet); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "chol_logdet_cpu",
+                               [&] { lapack_batch<scalar_t>(flat, L, info, logdet); });
   }
-  return chol_output(M, L, info);
+  return chol_output(M, L, info, logdet);
 }
 
 }  // namespace

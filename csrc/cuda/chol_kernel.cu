@@ -70,7 +70,7 @@ CholOutput chol_logdet_cuda(const at::Tensor& M) {
   at::Tensor L = M.reshape({-1, d, d}).contiguous().clone();
   at::Tensor info = at::zeros({L.size(0)}, L.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "chol_logdet_cuda", [&] { launch_cholesky<scalar_t>(L, info); });
-  return chol_output(M, L, info);
+  return chol_output(M, L.tril(), info);   // the kernel leaves the upper triangle as it was
 }
 
 }  // namespace
