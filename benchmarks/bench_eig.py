@@ -9,16 +9,7 @@ import torch
 
 import llama_fast as lf
 from llama_fast import reference
-from lf_workloads import WORKLOADS, paired_benchmark
-
-
-def factor_sizes(workload, T):
-    """{d: number of d x d factors} over A (with bias) and G of every layer, all T tasks."""
-    sizes = {}
-    for (_, _, i), (_, _, o) in WORKLOADS[workload](T):
-        for d in (i + 1, o):
-            sizes[d] = sizes.get(d, 0) + T
-    return sizes
+from lf_workloads import factor_sizes, paired_benchmark
 
 
 CASES = [(w, T, d, n) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)

@@ -1,5 +1,6 @@
 """kron_logdet forward + backward over all layers vs the reference (eigvalsh + log-sum,
-differentiated through torch's eigh), on the K-FAC factors of the DESIGN.md workloads."""
+differentiated through torch's eigh; for mode="factored", Cholesky through torch.linalg), on
+the K-FAC factors of the DESIGN.md workloads."""
 
 from functools import partial
 
@@ -21,8 +22,8 @@ def factors(workload, T, device):
     return A, G
 
 
-def forward_backward(fn, A, G):
-    fn(A, G, damping=0.1).sum().backward()
+def forward_backward(fn, A, G, mode="exact"):
+    fn(A, G, damping=0.1, mode=mode).sum().backward()
 
 
 @pytest.mark.parametrize("workload,T", [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)])
@@ -31,6 +32,15 @@ def bench_kron_logdet_fwd_bwd(benchmark, device, workload, T):
     benchmark.group = f"kron_logdet fwd+bwd {workload} T={T} {device}"
     paired_benchmark(benchmark, partial(forward_backward, lf.kron_logdet),
                      partial(forward_backward, reference.kron_logdet), device, A, G)
+
+
+@pytest.mark.parametrize("workload,T", [(w, T) for w in ("sinusoid", "conv4-omniglot") for T in (4, 32)])
+def bench_kron_logdet_factored_fwd_bwd(benchmark, device, workload, T):
+    """mode="factored" (pi-damped factors, Cholesky) against the reference's factored mode."""
+    A, G = factors(workload, T, device)
+    benchmark.group = f"kron_logdet factored fwd+bwd {workload} T={T} {device}"
+    paired_benchmark(benchmark, partial(forward_backward, lf.kron_logdet, mode="factored"),
+                     partial(forward_backward, reference.kron_logdet, mode="factored"), device, A, G)
 
 
 def activations(workload, T, device):

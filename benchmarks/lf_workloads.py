@@ -39,6 +39,15 @@ WORKLOADS = {
 }
 
 
+def factor_sizes(workload, T):
+    """{d: number of d x d factors} over A (with bias) and G of every layer, all T tasks."""
+    sizes = {}
+    for (_, _, i), (_, _, o) in WORKLOADS[workload](T):
+        for d in (i + 1, o):
+            sizes[d] = sizes.get(d, 0) + T
+    return sizes
+
+
 def timed_call(fn, device):
     """fn wrapped so that CUDA work is finished before the timer stops."""
     if device != "cuda":
