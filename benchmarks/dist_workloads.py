@@ -33,6 +33,7 @@ def timed_steps(workload, T, algorithms, rounds, ctx):
                                          **SETTINGS[workload], **e))
         steps[algorithm]()   # warm-up
     best = {a: float("inf") for a in algorithms}
+    works = []   # held, so that the main thread frees them (see llama_fast.distributed._latest_works)
     for _ in range(rounds):
         for algorithm in algorithms:
             if ctx.group is not None:
@@ -41,7 +42,8 @@ def timed_steps(workload, T, algorithms, rounds, ctx):
             steps[algorithm]()
             elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
             if ctx.group is not None:
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                works.append(dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, async_op=True))
+                works[-1].wait()
             best[algorithm] = min(best[algorithm], elapsed.item())
     return best
 

@@ -237,6 +237,17 @@ def _make_buckets(params, cap_bytes):
     return buckets
 
 
+# The Work handles of the latest step's collectives, held until the next step replaces them.
+# gloo's worker thread drops its own reference to a Work only after wait() has returned here;
+# were that the last one, the worker would free the Work's tensors, and freeing a tensor that
+# Python also references takes the GIL. At interpreter exit a non-main thread that takes the
+# GIL is ended inside that destructor: std::terminate, SIGABRT after a finished run (2 of 40
+# two-rank test jobs; the core dump shows ~AsyncAllreduceWork in ProcessGroupGloo::runLoop).
+# Held here, a Work is freed by the main thread: at the next step, or at exit by the thread
+# that finalizes the interpreter, which may still take the GIL.
+_latest_works: list = []
+
+
 class GradientSync:
     """Task-weighted all-reduce of one step's gradients and metrics (used by meta_step).
 
@@ -301,6 +312,7 @@ class GradientSync:
                     bucket.filled.add(index)
         self._launch_ready()
         _wait(self.metrics_work)
+        _latest_works[:] = [self.metrics_work, *(bucket.work for bucket in self.buckets)]
         total_tasks = self.metrics[0]    # a tensor: no host sync on CUDA
         for bucket in self.buckets:
             _wait(bucket.work)

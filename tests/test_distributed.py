@@ -177,3 +177,28 @@ def test_meta_step_process_group_needs_init():
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         lf.meta_step(model, dist_worker.sinusoid_tasks(0, 2), opt, process_group=object(),
                      **dist_worker.SETTINGS["maml"])
+
+
+def test_latest_step_works_stay_referenced_until_the_next_step():
+    """The Work handles of a step's collectives stay referenced from Python after meta_step
+    returns (llama_fast.distributed._latest_works), so that gloo's worker thread never frees
+    one (and with it the tensors Python shares) while the interpreter exits: that release
+    took the GIL from a non-main thread during finalization and aborted 2 of 40 finished
+    two-rank jobs. A one-rank gloo group in this process."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model, opt = dist_worker.make_model_and_optimizer()
+        group = torch.distributed.group.WORLD
+        buckets = len(distributed._make_buckets(list(model.parameters()), distributed.DEFAULT_BUCKET_BYTES))
+        lf.meta_step(model, dist_worker.sinusoid_tasks(0, 3), opt, process_group=group,
+                     **dist_worker.SETTINGS["llama"])
+        first = list(distributed._latest_works)
+        assert len(first) == 1 + buckets   # the metrics all-reduce and one per bucket
+        assert all(isinstance(w, torch.distributed.Work) and w.is_completed() for w in first)
+        lf.meta_step(model, dist_worker.sinusoid_tasks(1, 3), opt, process_group=group,
+                     **dist_worker.SETTINGS["llama"])
+        second = distributed._latest_works
+        assert len(second) == len(first) and not any(a is b for a in first for b in second)
+    finally:
+        torch.distributed.destroy_process_group()
+        distributed._latest_works.clear()
