@@ -1,4 +1,5 @@
-"""sym_eig vs torch.linalg.eigh on the K-FAC factors of the DESIGN.md workloads.
+"""sym_eig vs torch.linalg.eigh on the K-FAC factors of the benchmark workloads (few-shot
+sinusoid MLP, Omniglot and miniImageNet Conv-4).
 
 Factors of equal size are batched together (T tasks x the layers of that size), as
 kron_logdet does.

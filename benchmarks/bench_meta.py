@@ -1,6 +1,6 @@
 """meta_step throughput: MAML, first-order MAML and LLAMA (all tasks vmapped), and MAML as a
 Python loop over tasks with plain autograd (learn2learn/higher style), on the sinusoid MLP and
-Conv-4 (5-way 1-shot, 28x28), T in {4, 32}; and at T = 4 DESIGN.md's other Conv-4 shapes,
+Conv-4 (5-way 1-shot, 28x28), T in {4, 32}; and at T = 4 the other Conv-4 shapes,
 Omniglot 5-shot and miniImageNet (84x84, 32 filters) 1-shot (one of their T = 32 steps takes
 5-25 s on the CPU; `python meta_workloads.py interleaved WORKLOAD 32 DEVICE` measures it).
 Workloads: meta_workloads.py.

@@ -1,5 +1,6 @@
 """kron_sample vs the reference (torch.randn + scaling + two matmuls per layer) on the K-FAC
-factors of the DESIGN.md workloads, all layers in one call.
+factors of the benchmark workloads (few-shot sinusoid MLP, Omniglot and miniImageNet
+Conv-4), all layers in one call.
 
 `bench_kron_sample` compares the sampling itself: the eigendecompositions are computed once
 outside the timer on both sides (a KronCurvature for the kernels, torch.linalg.eigh for the

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import llama_fast as lf
-from llama_fast import distributed
+from llama_fast.meta import distributed
 from meta_workloads import LLAMA, SETTINGS, make
 
 
@@ -28,12 +28,13 @@ def timed_steps(workload, T, algorithms, rounds, ctx):
         batch = distributed.shard_batch(batch, ctx.rank, ctx.world_size)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         extra = LLAMA if algorithm == "llama" else {}
-        steps[algorithm] = (lambda m=model, b=batch, o=opt, a=algorithm, e=extra:
-                            lf.meta_step(m, b, o, algorithm=a, process_group=ctx.group,
+        sync = distributed.GradientSync(model, ctx.group) if ctx.group is not None else None
+        steps[algorithm] = (lambda m=model, b=batch, o=opt, a=algorithm, e=extra, s=sync:
+                            lf.meta_step(m, b, o, algorithm=a, grad_sync=s,
                                          **SETTINGS[workload], **e))
         steps[algorithm]()   # warm-up
     best = {a: float("inf") for a in algorithms}
-    works = []   # held, so that the main thread frees them (see llama_fast.distributed._latest_works)
+    works = []   # held, so that the main thread frees them (see llama_fast.meta.distributed._latest_works)
     for _ in range(rounds):
         for algorithm in algorithms:
             if ctx.group is not None:

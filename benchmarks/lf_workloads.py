@@ -1,4 +1,5 @@
-"""Layer shapes of the DESIGN.md workloads, as (a, g) shapes of every K-FAC layer.
+"""Layer shapes of the benchmark workloads (few-shot sinusoid MLP, Omniglot and miniImageNet
+Conv-4), as (a, g) shapes of every K-FAC layer.
 
 a is [T, N*R, fan_in] (unfolded patches for convolutions: "K-FAC expand"), g is
 [T, N*R*C, fan_out] with one backpropagated gradient per class (exact Fisher). The support set

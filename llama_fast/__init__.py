@@ -1,24 +1,21 @@
 """llama_fast: fast Bayesian gradient-based meta-learning (MAML and LLAMA).
 
-Ops are registered as torch.ops.llama_fast.* by the compiled extension; the names here are
-thin Python wrappers around them. ``llama_fast.reference`` holds the pure-torch oracle.
+Three layers, imported one way (``ops <- meta <- experiments``):
+
+- ``llama_fast.ops``: the compiled extension's ops (``torch.ops.llama_fast.*``), their Python
+  wrappers and ``reference``, the pure-torch oracle of each;
+- ``llama_fast.meta``: meta_step, adapt and the per-task Laplace posterior, distributed
+  training helpers, models;
+- ``llama_fast.experiments``: the ``llama-fast`` command's jobs (imported on demand).
+
+The public names below are re-exported from the first two.
 """
 
-from . import _extension
-
-_extension.load()
-
-from . import reference  # noqa: E402
-from .chol import chol_logdet  # noqa: E402
-from .curvature import KronCurvature  # noqa: E402
-from .eig import sym_eig  # noqa: E402
-from .kfac import kfac_factors  # noqa: E402
-from .logdet import kron_logdet  # noqa: E402
-from .lowrank import LowRankFactor  # noqa: E402
-from . import models  # noqa: E402
-from .meta import MetaStepResult, TaskBatch, meta_step  # noqa: E402
-from .posterior import TaskPosterior, adapt, kron_laplace  # noqa: E402
-from .sample import kron_sample  # noqa: E402
+from . import ops  # noqa: F401  (lf.ops: the ops layer)
+from .meta import (MetaStepResult, TaskBatch, TaskPosterior, adapt, distributed, kron_laplace,
+                   meta_objective, meta_step, models)
+from .ops import (KronCurvature, LowRankFactor, chol_logdet, kfac_factors, kron_logdet, kron_sample,
+                  reference, sym_eig)
 
 __version__ = "0.1.0"
 
@@ -30,8 +27,10 @@ __all__ = [
     "TaskPosterior",
     "adapt",
     "kron_laplace",
+    "meta_objective",
     "meta_step",
     "models",
+    "distributed",
     "chol_logdet",
     "kfac_factors",
     "kron_logdet",

@@ -1,5 +1,5 @@
 import sys
 
-from llama_fast.cli import main
+from llama_fast.experiments.cli import main
 
 sys.exit(main())

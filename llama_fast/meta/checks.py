@@ -1,0 +1,64 @@
+"""Argument checks shared by meta_step and adapt: choices, non-negative numbers, the prior
+precision (damping) and targets that fit the network's output."""
+
+import math
+
+import torch
+
+ALGORITHMS = ("llama", "maml", "fomaml")
+BACKENDS = ("kernels", "reference")
+CURVATURE_SETS = ("support", "query")
+
+
+def choice(value, options, name):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def nonnegative(value, name):
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_damping(damping, tasks):
+    """damping > 0: a float, or a tensor [T] (or 0-dim) of positive values."""
+    if damping is None:
+        raise ValueError("damping (the prior precision delta > 0) is required for the curvature")
+    if isinstance(damping, torch.Tensor):
+        if damping.dim() == 0:
+            damping = damping.expand(tasks)
+        if damping.shape != (tasks,):
+            raise ValueError(f"damping must be a float or a tensor of shape [T={tasks}], got {tuple(damping.shape)}")
+        if not bool(((damping > 0) & torch.isfinite(damping)).all()):
+            raise ValueError("damping must be positive and finite")
+        return damping
+    value = float(damping)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"damping must be positive and finite, got {value}")
+    return value
+
+
+def check_targets(y, out_shape, loss, name):
+    """Targets that fit the network output: class labels in [0, C) for cross_entropy, float
+    targets of the output's per-example shape for mse."""
+    if loss == "cross_entropy":
+        if len(out_shape) != 1 or out_shape[0] < 2:
+            raise ValueError(f"loss='cross_entropy' needs network outputs of shape [N, C] with C >= 2 "
+                             f"classes, got per-example shape {out_shape}; use loss='mse' for regression")
+        if y.dtype.is_floating_point or y.dim() != 2:
+            raise ValueError(f"loss='cross_entropy' needs integer class labels {name} of shape [T, N], "
+                             f"got {y.dtype} {tuple(y.shape)}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= out_shape[0]:
+            raise ValueError(f"{name} holds labels in [{low}, {high}] but the network has "
+                             f"{out_shape[0]} classes (labels must be in [0, {out_shape[0] - 1}])")
+        return
+    if not y.dtype.is_floating_point:
+        raise ValueError(f"loss='mse' needs float targets {name}, got {y.dtype}; "
+                         "use loss='cross_entropy' for class labels")
+    if tuple(y.shape[2:]) != tuple(out_shape):
+        raise ValueError(f"loss='mse': {name} has per-example shape {tuple(y.shape[2:])} but the network "
+                         f"outputs {tuple(out_shape)}")

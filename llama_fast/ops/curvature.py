@@ -1,0 +1,385 @@
+"""KronCurvature: the per-task K-FAC Laplace posterior precision of a network, with its
+eigendecompositions cached.
+
+Per layer ``H_l = s * (G_l (x) A_l) + delta * I`` (docs/ops.md, "Conventions"). Building one runs the
+eigendecompositions of every factor once (``torch.ops.llama_fast.kron_logdet_exact``); the
+log-determinant is then at hand, differentiable, and the eigenbases are kept for what needs
+them next: posterior sampling (``sample``: the fused op ``torch.ops.llama_fast.kron_scaled_normal``
+draws the eigenbasis coordinates, two batched matmuls rotate them), ``solve`` (``H^-1 v``) and
+``precision_matvec`` (``H v``).
+
+Matrices ``V`` of a layer are shaped like its homogeneous weight ``[o, i']`` (G is o x o, A is
+i' x i'); with PyTorch's row-major vec, ``H vec(V) = vec(s * G V A + delta * V)``.
+
+Low-rank ``A = s_a * R^T R`` (R = abar rows ``[T, N, i']``) is never materialised: with the
+dual's eigendecomposition ``s_a R R^T = U diag(Lambda) U^T``, the orthonormal eigenvectors of A
+with nonzero eigenvalues are ``V_A = sqrt(s_a) R^T U Lambda^(-1/2)`` (``[T, i', N]``; columns
+of Lambda below ``N_max * eps * max Lambda`` are treated as zeros and dropped, i.e. zeroed), and
+every direction orthogonal to them has eigenvalue 0 (precision exactly ``delta`` there). A G
+built from fewer rows M than its width o (``g`` rows ``[T, M, o]``, no bias column) is held the
+same way. With bases V_G, V_A (the full eigenvectors for a dense factor), H acts as
+``s mu lambda + delta`` on ``V_G C V_A^T`` and as ``delta`` on the rest,
+``V - V_G (V_G^T V V_A) V_A^T``; sampling and solves use exactly that split.
+"""
+
+import copy
+import math
+import numbers
+
+import torch
+
+from . import _checks
+from .kfac import _as_layer_lists
+from .lowrank import LowRankFactor
+
+__all__ = ["KronCurvature"]
+
+MODES = ("exact",)
+
+
+def _damping_tensor(damping, tasks, like, check):
+    if isinstance(damping, torch.Tensor):
+        _checks.check_tensor(damping, "damping")
+        if damping.dim() == 0:
+            damping = damping.expand(tasks)
+        if damping.shape != (tasks,):
+            raise ValueError(f"damping must be a float or a tensor of shape [T={tasks}], got {tuple(damping.shape)}")
+        if damping.dtype != like.dtype or damping.device != like.device:
+            raise ValueError(f"damping must have the factors' dtype {like.dtype} and device {like.device}, "
+                             f"got {damping.dtype} on {damping.device}")
+        if check and not bool((damping > 0).all() & torch.isfinite(damping).all()):
+            raise ValueError("damping must be positive and finite")
+        return damping
+    value = float(damping)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"damping must be positive and finite, got {value}")
+    return torch.full((tasks,), value, dtype=like.dtype, device=like.device)
+
+
+def _check_factors(A_list, G_list, check):
+    """Each factor a [T, d, d] float tensor or a LowRankFactor (its rows are checked; a G's
+    rows have no bias column), all with one T, dtype and device; with `check`, finite and
+    symmetric. Returns T."""
+    names, tensors = [], []
+    T = None
+    for l, (A, G) in enumerate(zip(A_list, G_list)):
+        for x, kind in ((A, "A"), (G, "G")):
+            name = f"{kind}[{l}]" if len(A_list) > 1 else kind
+            low_rank = isinstance(x, LowRankFactor)
+            if low_rank:
+                if kind == "G" and x.bias:
+                    raise ValueError(f"{name} is a LowRankFactor with bias=True; G's rows have no bias column")
+                x, name = x.rows, f"{name}.rows"
+            _checks.check_tensor(x, name, ndim=3)
+            if not low_rank and x.shape[1] != x.shape[2]:
+                raise ValueError(f"{name} must be square [T, d, d], got {tuple(x.shape)}")
+            T = x.shape[0] if T is None else T
+            if x.shape[0] != T:
+                raise ValueError(f"{name} has T={x.shape[0]} tasks but {names[0]} has T={T}")
+            if check:
+                _checks.check_finite(x, name)
+                if not low_rank:
+                    _checks.check_symmetric(x, name)
+            names.append(name)
+            tensors.append(x)
+    _checks.check_same(tensors, names)
+    return T
+
+
+def prepare_factors(A, G, damping, scale, check):
+    """Validated layer lists, task count, per-task damping tensor and scale (shared by every
+    log-det mode)."""
+    A_list, G_list, _ = _as_layer_lists(A, G, names=("A", "G"))
+    if not A_list:
+        raise ValueError("kron_logdet needs at least one layer")
+    tasks = _check_factors(A_list, G_list, check)
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    like = A_list[0].rows if isinstance(A_list[0], LowRankFactor) else A_list[0]
+    return A_list, G_list, tasks, _damping_tensor(damping, tasks, like, check), scale
+
+
+class KronCurvature:
+    """K-FAC curvature ``H_l = s * (G_l (x) A_l) + delta * I`` of every layer of T tasks.
+
+    Args:
+        A, G: factors as for :func:`llama_fast.kron_logdet` (tensors ``[T, d, d]``, lists of
+            them, a list of ``(A, G)`` pairs; an ``A`` or ``G`` may be a ``LowRankFactor``).
+        damping: ``delta > 0``: a float or a per-task tensor ``[T]``.
+        scale: ``s > 0``.
+        mode: "exact".
+        check: validate symmetry, finiteness and damping positivity (syncs with the host).
+
+    Attributes:
+        evals_A, evecs_A, evals_G, evecs_G: per-layer eigendecompositions (ascending), detached.
+            For a low-rank factor they are those of its dual Gram matrix ``[T, N, N]``.
+        damping: the per-task damping tensor ``[T]``.
+    """
+
+    def __init__(self, A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False):
+        if mode not in MODES:
+            raise ValueError(f"KronCurvature supports mode {MODES}, got {mode!r} "
+                             "(kron_logdet also has mode='factored')")
+        A_list, G_list, self.tasks, self.damping, self.scale = prepare_factors(A, G, damping, scale, check)
+        self.factors_A, self.factors_G = A_list, G_list
+        dense_A, dense_G = ([x.dual() if isinstance(x, LowRankFactor) else x for x in xs] for xs in (A_list, G_list))
+        out = torch.ops.llama_fast.kron_logdet_exact(dense_A, dense_G, self.damping, self.scale)
+        self._logdet = out[0] + self._null_pairs() * torch.log(self.damping)
+        self.evals_A, self.evecs_A, self.evals_G, self.evecs_G = (list(x) for x in out[1:])
+
+    def _null_pairs(self) -> int:
+        """Eigenvalue pairs (lambda, mu) that low-rank factors leave out: one of them is an exact
+        zero there, so each contributes log(delta)."""
+        return sum(A.shape[-1] * G.shape[-1] - _rank(A) * _rank(G)
+                   for A, G in zip(self.factors_A, self.factors_G))
+
+    @property
+    def layers(self) -> int:
+        return len(self.factors_A)
+
+    def logdet(self) -> torch.Tensor:
+        """``sum_l log det H_l`` per task, ``[T]``; differentiable (single backward)."""
+        return self._logdet
+
+    def with_damping(self, damping) -> "KronCurvature":
+        """The same curvature with another ``delta`` (a float or a per-task tensor ``[T]``).
+
+        No eigendecomposition is redone: the copy shares the cached eigenbases (they do not
+        depend on delta), so trying a grid of deltas costs one decomposition. Its log-det is
+        re-summed from the cached eigenvalues and is a constant (no gradient to the factors);
+        build a new ``KronCurvature`` where that gradient is needed.
+        """
+        like = self.evals_G[0]
+        other = copy.copy(self)
+        other.damping = _damping_tensor(damping, self.tasks, like, check=True)
+        evals_A = [lam.detach() for lam in self.evals_A]
+        evals_G = [mu.detach() for mu in self.evals_G]
+        other._logdet = (torch.ops.llama_fast.kron_logdet_from_eigs(evals_A, evals_G, other.damping, self.scale)
+                         + self._null_pairs() * torch.log(other.damping))
+        # The low-rank bases are delta-free: one cache for both (filled by either).
+        other.__dict__["_basis_cache"] = self.__dict__.setdefault("_basis_cache", {})
+        return other
+
+    # ---- sampling, solves, products -----------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.damping.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.damping.device
+
+    def layer_shape(self, l: int) -> tuple:
+        """``(o, i')``: the shape of layer l's homogeneous weight (G is o x o, A is i' x i')."""
+        return self.factors_G[l].shape[-1], self.factors_A[l].shape[-1]
+
+    def _per_layer(self, X, name, exact):
+        """(list of per-layer tensors, single) for a tensor (one layer) or a list per layer;
+        each shaped ``[T, o, i']`` (``exact``) or ``[..., T, o, i']``, with the factors' dtype
+        and device."""
+        single = isinstance(X, torch.Tensor)
+        if single:
+            if self.layers != 1:
+                raise ValueError(f"{name} must be a list with one tensor per layer ({self.layers} "
+                                 "layers), got a single tensor")
+            X = [X]
+        elif not isinstance(X, (list, tuple)):
+            raise TypeError(f"{name} must be a tensor or a list of tensors (one per layer), "
+                            f"got {type(X).__name__}")
+        if len(X) != self.layers:
+            raise ValueError(f"{name} has {len(X)} entries but the curvature has {self.layers} layers")
+        for l, x in enumerate(X):
+            nm = f"{name}[{l}]" if not single else name
+            _checks.check_tensor(x, nm)
+            o, i = self.layer_shape(l)
+            want = (self.tasks, o, i)
+            if (x.dim() != 3 if exact else x.dim() < 3) or tuple(x.shape[-3:]) != want:
+                lead = "" if exact else "..., "
+                raise ValueError(f"{nm} must have shape [{lead}T={self.tasks}, o={o}, i'={i}] "
+                                 f"(layer {l}: G is {o} x {o}, A is {i} x {i}), got {tuple(x.shape)}")
+            if x.dtype != self.dtype or x.device != self.device:
+                raise ValueError(f"{nm} must have the factors' dtype {self.dtype} and device "
+                                 f"{self.device}, got {x.dtype} on {x.device}")
+        return list(X), single
+
+    def _low_rank(self, l):
+        """(A is low-rank, G is low-rank) for layer l."""
+        return isinstance(self.factors_A[l], LowRankFactor), isinstance(self.factors_G[l], LowRankFactor)
+
+    def _basis(self, l, kind):
+        """(V [T, width, r], eigenvalues [T, r]) of layer l's factor `kind` ("A" or "G"): for a
+        dense factor its eigendecomposition; for a low-rank one (cached) the orthonormal
+        eigenvectors of the nonzero eigenvalues, dropped (tiny) ones a zero column and 0."""
+        factor = (self.factors_A if kind == "A" else self.factors_G)[l]
+        evals = (self.evals_A if kind == "A" else self.evals_G)[l].detach()
+        evecs = (self.evecs_A if kind == "A" else self.evecs_G)[l].detach()
+        if not isinstance(factor, LowRankFactor):
+            return evecs, evals
+        cache = self.__dict__.setdefault("_basis_cache", {})
+        if (kind, l) not in cache:
+            tol = evals.amax(-1, keepdim=True).clamp_min(0) * max(evals.shape[-1], 1) * torch.finfo(evals.dtype).eps
+            keep = evals > tol
+            lam = torch.where(keep, evals, torch.zeros_like(evals))
+            inv_root = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), torch.zeros_like(lam))
+            V = math.sqrt(factor.scale) * (factor.rows_bar().detach().mT @ evecs) * inv_root.unsqueeze(-2)
+            cache[(kind, l)] = (V, lam)
+        return cache[(kind, l)]
+
+    def sample(self, mean, num_samples=1, generator=None):
+        """Draws ``phi ~ N(mean, H^-1)`` for every task and layer.
+
+        Per layer ``phi = mean + Q_G [Z * (s mu lambda^T + delta)^(-1/2)] Q_A^T``, Z iid N(0, 1)
+        from ``generator`` (a ``torch.Generator`` on the factors' device) or the device's
+        default generator (``torch.manual_seed`` governs it). Low-rank factors: ``V_G [Z_1 *
+        (s mu Lambda^T + delta)^(-1/2)] V_A^T + delta^(-1/2) (Z_2 - V_G V_G^T Z_2 V_A V_A^T)``
+        (V_G = Q_G for a dense G, and so on), with no i' x i' matrix formed. All layers'
+        normals come from one op call.
+
+        Args:
+            mean: ``[T, o, i']`` for a one-layer curvature, or a list with one per layer.
+            num_samples: S >= 1.
+
+        Returns:
+            ``[S, T, o, i']`` (a list of them for list input). Differentiable with respect to
+            ``mean`` (reparameterisation: the Jacobian is the identity); the factors, damping
+            and scale are constants here (no gradient flows to them through the draw).
+        """
+        means, single = self._per_layer(mean, "mean", exact=True)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+        S = int(num_samples)
+        if S < 1:
+            raise ValueError(f"num_samples must be >= 1, got {S}")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            if generator.device.type != self.device.type:
+                raise ValueError(f"generator is on {generator.device} but the factors are on {self.device}")
+        evals_A, evals_G, null_layers, null_A, null_G = [], [], [], [], []
+        for l in range(self.layers):
+            (_, lam), (_, mu) = self._basis(l, "A"), self._basis(l, "G")
+            evals_A.append(lam)
+            evals_G.append(mu)
+            if any(self._low_rank(l)):
+                # Extra op entries with zero eigenvalues: normals scaled by delta^(-1/2) for
+                # the directions outside span(V_G) (x) span(V_A).
+                null_layers.append(l)
+                o, i = self.layer_shape(l)
+                null_A.append(mu.new_zeros(self.tasks, i))
+                null_G.append(mu.new_zeros(self.tasks, o))
+        Z = torch.ops.llama_fast.kron_scaled_normal(
+            evals_A + null_A, evals_G + null_G, self.damping.detach(), self.scale, S, generator)
+        Z_null = dict(zip(null_layers, Z[self.layers:]))
+        out = []
+        for l in range(self.layers):
+            (V_A, _), (V_G, _) = self._basis(l, "A"), self._basis(l, "G")
+            low_A, low_G = self._low_rank(l)
+            if low_G:
+                # E = Zn + V_G [Z_1 - V_G^T Zn V_A] V_A^T (small layers: G narrower than its rows)
+                Zn = Z_null[l]
+                E = Zn + V_G @ (Z[l] - V_G.mT @ Zn @ V_A) @ V_A.mT
+                out.append(E + means[l])
+            elif low_A:
+                GZ = _fold(torch.matmul(V_G, Z[l]))  # [T, S*o, a]
+                Zn = _fold(Z_null[l])  # [T, S*o, i']
+                # The same with V_G = Q_G square (V_G V_G^T = I): E = Zn + (Q_G Z_1 - Zn V_A) V_A^T,
+                # one product with V_A^T for both parts.
+                E = _unfold(torch.baddbmm(Zn, GZ - torch.bmm(Zn, V_A), V_A.mT), S)
+                out.append(E.contiguous() + means[l])
+            else:
+                out.append(_rotate_draws(V_G, Z[l], V_A, means[l]))
+        return out[0] if single else out
+
+    def _eig_denominator(self, mu, lam):
+        """s * mu lambda^T + delta, [T, o, a] (negative round-off clamped to 0)."""
+        return (self.scale * mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)
+                + self.damping.detach()[:, None, None])
+
+    def solve(self, V):
+        """``H^-1 v`` per layer: ``Q_G [(Q_G^T V Q_A) / (s mu lambda^T + delta)] Q_A^T``; for a
+        low-rank factor, the part of V in span(V_G) (x) span(V_A) that way and
+        ``(V - V_G V_G^T V V_A V_A^T) / delta`` for the rest. ``V``: ``[..., T, o, i']`` (or a list per layer); returns the same structure.
+        Constants: the factors (no gradient to them); linear in V (differentiable)."""
+        return self._map_layers(V, self._solve_layer)
+
+    def precision_matvec(self, V):
+        """``H v = s * G V A + delta * V`` per layer (a low-rank ``A = s_a R^T R`` through its
+        rows: ``s_a (V R^T) R``, never i' x i'; a low-rank G likewise). ``V``: ``[..., T, o, i']`` (or a list per
+        layer); returns the same structure. The factors are constants (detached)."""
+        return self._map_layers(V, self._precision_layer)
+
+    def _map_layers(self, V, layer_op):
+        """``layer_op(l, X)`` on each layer's ``V`` with its leading dims flattened
+        (``X [B, T, o, i']``), reshaped back; the same structure as ``V``."""
+        Xs, single = self._per_layer(V, "V", exact=False)
+        out = [layer_op(l, X.reshape(-1, *X.shape[-3:])).reshape(X.shape) for l, X in enumerate(Xs)]
+        return out[0] if single else out
+
+    def _solve_layer(self, l, X4):
+        B = X4.shape[0]
+        (V_A, lam), (V_G, mu) = self._basis(l, "A"), self._basis(l, "G")
+        delta = self.damping.detach()[:, None, None]
+        low_A, low_G = self._low_rank(l)
+        if low_G:
+            # V_G [Y / denominator] V_A^T + (X - V_G Y V_A^T) / delta, Y = V_G^T X V_A
+            Y = V_G.mT @ X4 @ V_A
+            return X4 / delta + V_G @ (Y / self._eig_denominator(mu, lam) - Y / delta) @ V_A.mT
+        if low_A:
+            Xf = _fold(X4)
+            Y = torch.bmm(Xf, V_A)  # [T, B*o, N]
+            core = torch.matmul(V_G.mT, _unfold(Y, B)) / self._eig_denominator(mu, lam)
+            # (X - Y V_A^T) / delta + (Q_G core) V_A^T
+            R = torch.baddbmm(Xf / delta, _fold(torch.matmul(V_G, core)) - Y / delta, V_A.mT)
+        else:
+            core = torch.matmul(V_G.mT, _unfold(torch.bmm(_fold(X4), V_A), B))
+            R = torch.bmm(_fold(torch.matmul(V_G, core / self._eig_denominator(mu, lam))), V_A.mT)
+        return _unfold(R, B)
+
+    def _precision_layer(self, l, X4):
+        A, G = self.factors_A[l], self.factors_G[l]
+        if isinstance(A, LowRankFactor):
+            R = A.rows_bar().detach()
+            XA = A.scale * torch.bmm(torch.bmm(_fold(X4), R.mT), R)
+        else:
+            XA = torch.bmm(_fold(X4), A.detach())
+        XA = _unfold(XA, X4.shape[0])
+        if isinstance(G, LowRankFactor):
+            R = G.rows.detach()
+            GXA = G.scale * (R.mT @ (R @ XA))
+        else:
+            GXA = torch.matmul(G.detach(), XA)
+        return self.scale * GXA + self.damping.detach()[:, None, None] * X4
+
+
+def _rank(factor) -> int:
+    """Rows of a LowRankFactor (its rank bound), the width of a dense one."""
+    return factor.rank_bound if isinstance(factor, LowRankFactor) else factor.shape[-1]
+
+
+def _rotate_draws(Q_G, Z, Q_A, mean):
+    """``mean + Q_G Z_s Q_A^T`` for all draws ``Z [S, T, o, a]`` -> ``[S, T, o, a]`` by two
+    batched products over the T tasks, the S draws folded into the columns of the first and
+    the rows of the second, instead of S*T tiny products that each take a copy of Q_G or Q_A
+    (torch.matmul's broadcast)."""
+    S, T, o, a = Z.shape
+    Y = torch.bmm(Q_G, Z.permute(1, 2, 0, 3).reshape(T, o, S * a))  # [T, o, S*a]
+    E = torch.bmm(Y.view(T, o * S, a), Q_A.mT).view(T, o, S, a)
+    # The mean is added after the reordering copy: broadcast over the leading S dim, the add
+    # runs over long contiguous rows (3.6x faster than over the [T, o, S, a] view's 41-wide ones
+    # at sinusoid T=32, S=100).
+    return E.permute(2, 0, 1, 3).contiguous() + mean
+
+
+def _fold(X):
+    """[S, T, o, a] -> [T, S*o, a] (T becomes the batch of a bmm against a per-task matrix;
+    torch.matmul would instead copy that matrix S times)."""
+    S, T, o, a = X.shape
+    return X.transpose(0, 1).reshape(T, S * o, a)
+
+
+def _unfold(Y, S):
+    """[T, S*o, a] -> [S, T, o, a] (a view)."""
+    T, So, a = Y.shape
+    return Y.view(T, S, So // S, a).transpose(0, 1)

@@ -1,0 +1,196 @@
+"""`llama-fast train` / `eval`: flag parsing, config files, one-line errors (exit 2), hand-off.
+
+The runner (`llama_fast.experiments.run`'s `run` / `evaluate`) is replaced by a recorder, so these tests
+check what the CLI hands over, not the training itself.
+"""
+
+import sys
+import types
+
+import pytest
+
+from llama_fast.experiments import cli
+from llama_fast.experiments.config import ExperimentConfig
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    calls = []
+    fake = types.ModuleType("llama_fast.experiments.run")
+    fake.run = lambda config: calls.append(("run", config))
+    fake.evaluate = lambda config: calls.append(("evaluate", config))
+    monkeypatch.setitem(sys.modules, "llama_fast.experiments.run", fake)
+    return calls
+
+
+def _exit_code_and_error(argv, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(argv)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if ": error: " in line]
+    return err.value.code, errors
+
+
+def test_train_hands_the_config_over_and_writes_it(tmp_path, runner):
+    out = tmp_path / "run"
+    argv = ["train", "sinusoid", "--output", str(out), "--seed", "3", "--algorithm", "llama",
+            "--meta-batch", "4", "--inner-lr", "0.02", "--inner-steps", "2", "--eta", "0.1",
+            "--damping", "0.5", "--noise", "0.2", "--fisher", "mc", "--device", "cpu", "--first-order"]
+    assert cli.main(argv) == 0
+    (kind, config), = runner
+    assert kind == "run"
+    assert (config.seed, config.algorithm, config.meta_batch, config.inner_lr) == (3, ("llama",), 4, 0.02)
+    assert (config.inner_steps, config.eta, config.damping, config.fisher) == (2, 0.1, 0.5, "mc")
+    assert config.first_order and config.device == "cpu" and config.iterations == 70000
+    assert config.noise == 0.2
+    assert ExperimentConfig.from_sources(out / "config.toml") == config
+
+
+def test_flags_override_the_config_file(tmp_path, runner):
+    (tmp_path / "exp.toml").write_text(f'task = "sinusoid"\nseed = 9\nsamples = 7\noutput = "{tmp_path / "o"}"\n')
+    assert cli.main(["train", "--config", str(tmp_path / "exp.toml"), "--samples", "20"]) == 0
+    config = runner[0][1]
+    assert (config.task, config.seed, config.samples) == ("sinusoid", 9, 20)
+
+
+TRAIN_BAD = {  # flag: (the arguments after "train", the expected error)
+    "task": (["mnist"], "must be one of sinusoid, omniglot"),
+    "--algorithm": (["sinusoid", "--algorithm", "reptile"], "must be one of maml, llama"),
+    "--device": (["sinusoid", "--device", "gpu0"], "auto, cpu, cuda or cuda:N"),
+    "--seed": (["sinusoid", "--seed", "-1"], "must be >= 0"),
+    "--iterations": (["sinusoid", "--iterations", "ten"], "expected an integer"),
+    "--meta-batch": (["sinusoid", "--meta-batch", "0"], "must be >= 1"),
+    "--meta-lr": (["sinusoid", "--meta-lr", "0"], "must be > 0"),
+    "--inner-lr": (["sinusoid", "--inner-lr", "-0.1"], "must be > 0"),
+    "--inner-steps": (["sinusoid", "--inner-steps", "1.5"], "expected an integer"),
+    "--eta": (["sinusoid", "--eta", "-1"], "must be >= 0"),
+    "--damping": (["sinusoid", "--damping", "none"], "expected a number or 'auto'"),
+    "--damping-objective": (["sinusoid", "--damping-objective", "mse"], "must be one of evidence, nll"),
+    "--noise": (["sinusoid", "--noise", "fitted"], "expected a number or 'auto'"),
+    "--fisher": (["sinusoid", "--fisher", "diag"], "must be one of exact, mc, empirical"),
+    "--shots": (["sinusoid", "--shots", "0"], "must be >= 1"),
+    "--query-shots": (["sinusoid", "--query-shots", "0"], "must be >= 1"),
+    "--ways": (["sinusoid", "--ways", "5"], "ways: applies to omniglot only"),
+    "--eval-tasks": (["sinusoid", "--eval-tasks", "0"], "must be >= 1"),
+    "--samples": (["sinusoid", "--samples", "0"], "must be >= 1"),
+    "--log-every": (["sinusoid", "--log-every", "0"], "must be >= 1"),
+    "--eval-every": (["sinusoid", "--eval-every", "-5"], "must be >= 0"),
+    "--checkpoint-every": (["sinusoid", "--checkpoint-every", "x"], "expected an integer"),
+    "--output": (["sinusoid", "--output", ""], "must be a path"),
+    "--data": (["omniglot", "--data", "/nonexistent/omniglot"], "is not a directory"),
+    "--config": (["sinusoid", "--config", "/nonexistent/exp.toml"], "does not exist"),
+    "--resume": (["sinusoid", "--resume"], "--resume needs --output"),
+    "--first-order": (["sinusoid", "--first-order=yes"], "ignored explicit argument 'yes'"),
+}
+
+
+def _flags_of(subcommand: str) -> set:
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices[subcommand]
+    flags = {a.option_strings[0] if a.option_strings else a.dest for a in sub._actions}
+    return flags - {"-h", "run_dir"}
+
+
+def test_every_train_flag_has_a_bad_value_case():
+    assert set(TRAIN_BAD) == _flags_of("train")
+
+
+@pytest.mark.parametrize("flag", sorted(TRAIN_BAD))
+def test_train_bad_values_exit_2_with_one_line(flag, tmp_path, capsys, runner, monkeypatch):
+    monkeypatch.delenv("LLAMA_FAST_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default output folder would land here
+    arguments, message = TRAIN_BAD[flag]
+    code, errors = _exit_code_and_error(["train", *arguments], capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("llama-fast train: error:") and message in errors[0]
+    assert not runner and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_resume_rules(tmp_path, capsys, runner):
+    out = tmp_path / "run"
+    assert cli.main(["train", "sinusoid", "--output", str(out), "--iterations", "50"]) == 0
+    code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(out), "--resume"], capsys)
+    assert code == 2 and "no checkpoint.pt" in errors[0]
+    (out / "checkpoint.pt").write_bytes(b"")
+    code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(out)], capsys)
+    assert code == 2 and "already holds checkpoint.pt" in errors[0]
+    assert cli.main(["train", "--output", str(out), "--resume", "--samples", "3"]) == 0
+    resumed = runner[-1][1]
+    assert resumed.resume and resumed.iterations == 50 and resumed.samples == 3  # base: the run's config
+
+
+@pytest.mark.parametrize("subcommand", ["train", "eval"])
+def test_help_explains_every_flag(subcommand, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main([subcommand, "--help"])
+    assert err.value.code == 0
+    text = capsys.readouterr().out
+    for flag in _flags_of(subcommand) - {"task"}:
+        assert flag in text
+    parser = cli.build_parser()._subparsers._group_actions[0].choices[subcommand]
+    assert all(action.help for action in parser._actions)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@pytest.fixture
+def trained_run(tmp_path, runner):
+    out = tmp_path / "run"
+    cli.main(["train", "sinusoid", "--output", str(out), "--samples", "4"])
+    (out / "checkpoint.pt").write_bytes(b"")
+    runner.clear()
+    return out
+
+
+def test_eval_hands_the_run_config_over(trained_run, tmp_path, runner):
+    runs = tmp_path / "all_runs"
+    runs.mkdir()
+    assert cli.main(["eval", str(trained_run), "--eval-tasks", "50", "--oneshot-runs", str(runs)]) == 0
+    (kind, config), = runner
+    assert kind == "evaluate" and config.output == str(trained_run) and config.samples == 4
+    assert config.eval_tasks == 50 and config.oneshot_runs == str(runs)
+
+
+EVAL_BAD = {
+    "--algorithm": ("maml,", "must be one of maml, llama"),
+    "--device": ("tpu", "auto, cpu, cuda or cuda:N"),
+    "--seed": ("x", "expected an integer"),
+    "--inner-lr": ("0", "must be > 0"),
+    "--inner-steps": ("0", "must be >= 1"),
+    "--damping": ("-1", "must be > 0"),
+    "--damping-objective": ("marglik", "must be one of evidence, nll"),
+    "--noise": ("0", "must be > 0"),
+    "--fisher": ("kfac", "must be one of exact, mc, empirical"),
+    "--shots": ("0", "must be >= 1"),
+    "--query-shots": ("-2", "must be >= 1"),
+    "--ways": ("3", "ways: applies to omniglot only"),
+    "--eval-tasks": ("0", "must be >= 1"),
+    "--samples": ("many", "expected an integer"),
+    "--data": ("", "must be a path"),
+    "--oneshot-runs": ("/nonexistent/runs", "is not a directory"),
+    "--config": ("/nonexistent/exp.toml", "not found"),
+}
+
+
+def test_every_eval_flag_has_a_bad_value_case():
+    assert set(EVAL_BAD) == _flags_of("eval")
+
+
+@pytest.mark.parametrize("flag", sorted(EVAL_BAD))
+def test_eval_bad_values_exit_2_with_one_line(flag, trained_run, capsys, runner):
+    value, message = EVAL_BAD[flag]
+    code, errors = _exit_code_and_error(["eval", str(trained_run), flag, value], capsys)
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert errors[0].startswith("llama-fast eval: error:")
+    assert not runner
+
+
+def test_eval_needs_a_trained_run(tmp_path, capsys, runner):
+    code, errors = _exit_code_and_error(["eval", str(tmp_path / "absent")], capsys)
+    assert code == 2 and "not a run folder" in errors[0]
+    code, errors = _exit_code_and_error(["eval", str(tmp_path)], capsys)
+    assert code == 2 and f"{tmp_path} is not a run folder: it holds no config.toml" in errors[0]
+    ExperimentConfig.from_sources(None, {"output": str(tmp_path)}).save(tmp_path / "config.toml")
+    code, errors = _exit_code_and_error(["eval", str(tmp_path)], capsys)
+    assert code == 2 and "no checkpoint.pt" in errors[0]

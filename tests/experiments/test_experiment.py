@@ -1,0 +1,278 @@
+"""`llama-fast train` / `eval` end to end on tiny configurations (a few iterations and tasks).
+
+Every run goes through the CLI (cli.main), so config.toml handling, the hand-off and the
+error paths are the ones users get.
+"""
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_fast as lf
+from llama_fast.experiments import cli, selection, training
+from llama_fast.experiments.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+SMALL = ("images_background_small1.zip", "images_background_small2.zip")
+needs_omniglot = pytest.mark.skipif(
+    not all((OMNIGLOT / name).is_file() for name in SMALL),
+    reason=f"Omniglot small zips not found under {OMNIGLOT}")
+
+TINY = ["--iterations", "6", "--meta-batch", "2", "--eval-tasks", "4", "--samples", "2",
+        "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny workloads; far faster on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(out, *extra):
+    return cli.main(["train", "sinusoid", "--output", str(out), *TINY, *extra])
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_tiny_run_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out) == 0
+    for name in ("config.toml", "checkpoint.pt", "metrics.csv", "metrics.json",
+                 "learning_curves.png", "sinusoid.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["iterations"] == 6 and summary["damping"] in selection.DAMPING_GRID
+    assert summary["damping_objective"] == "evidence"
+    curve = summary["damping_curve"]
+    assert [d for d, _ in curve] == list(selection.DAMPING_GRID)
+    assert summary["damping"] == max(curve, key=lambda row: row[1])[0]   # the evidence's maximiser
+    for name in ("maml", "llama", "llama_point"):
+        for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
+            entry = summary["results"][name][setting]
+            assert {"mse", "nll", "coverage_50", "coverage_90", "coverage_95"} <= set(entry)
+    assert summary["noise_mode"] == "auto"
+    for name in ("maml", "llama", "llama_point"):
+        for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
+            sigma = summary["noise"][name][setting]
+            curve = summary["noise_curve"][name][setting]
+            assert sigma in selection.NOISE_GRID and [s for s, _ in curve] == list(selection.NOISE_GRID)
+            assert sigma == min(curve, key=lambda row: row[1])[0]   # the validation NLL's minimiser
+    printed = capsys.readouterr().out
+    assert "MAML" in printed and "LLAMA" in printed and "coverage_90" in printed
+    assert "noise auto, K10_steps10:" in printed
+    assert "LLAMA POINT" in printed and "damping auto (evidence)" in printed
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("iteration,algorithm") and len(rows) > 12
+
+
+def _parameters(out):
+    return load_checkpoint(out / "checkpoint.pt")["models"]
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train(straight) == 0
+
+    original = training.Trainer.step
+
+    def dies_at_iteration_4(self):
+        if self.iteration == 3:   # after the checkpoint at 2 and rows logged for 3
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(training.Trainer, "step", dies_at_iteration_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed)
+    assert load_checkpoint(killed / "checkpoint.pt")["iteration"] == 2
+    monkeypatch.setattr(training.Trainer, "step", original)
+    assert cli.main(["train", "--output", str(killed), "--resume"]) == 0
+
+    for name, state in _parameters(straight).items():
+        for key, value in state.items():
+            assert torch.equal(value, _parameters(killed)[name][key]), (name, key)
+    assert (killed / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
+    results = [json.loads((d / "metrics.json").read_text())["results"] for d in (straight, killed)]
+    assert results[0] == results[1]
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_stopped_run_continues_to_more_iterations(tmp_path):
+    """Train 4 iterations, then resume with --iterations 6: as if trained 6 at once."""
+    straight, short = tmp_path / "straight", tmp_path / "short"
+    assert train(straight) == 0
+    assert cli.main(["train", "sinusoid", "--output", str(short), *TINY, "--iterations", "4"]) == 0
+    assert cli.main(["train", "--output", str(short), "--resume", "--iterations", "6"]) == 0
+    for name, state in _parameters(straight).items():
+        for key, value in state.items():
+            assert torch.equal(value, _parameters(short)[name][key]), (name, key)
+    assert (short / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--output", str(out), "--resume", "--iterations", "4"])
+    assert err.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "checkpoint.pt" in errors[0] and "not a readable checkpoint" in errors[0]
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_eval_reproduces_the_training_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out) == 0
+    assert cli.main(["eval", str(out)]) == 0
+    trained = json.loads((out / "metrics.json").read_text())
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["iterations"] == 6 and evaluated["results"] == trained["results"]
+    assert "K10_steps10" in capsys.readouterr().out
+
+
+def _tiny_oneshot_runs(root: Path, ways: int = 5) -> Path:
+    """One run in Lake's layout: drawing 0 of `ways` characters for training, drawing 1 to test."""
+    run = root / "run01"
+    (run / "training").mkdir(parents=True)
+    (run / "test").mkdir()
+    with zipfile.ZipFile(OMNIGLOT / SMALL[1]) as archive:
+        pngs = sorted(n for n in archive.namelist() if n.endswith(".png"))
+    characters = sorted({str(Path(n).parent) for n in pngs})[:ways]
+    lines = []
+    with zipfile.ZipFile(OMNIGLOT / SMALL[1]) as archive:
+        for i, character in enumerate(characters, 1):
+            drawings = sorted(n for n in pngs if str(Path(n).parent) == character)
+            (run / "training" / f"class{i:02d}.png").write_bytes(archive.read(drawings[0]))
+            (run / "test" / f"item{ways + 1 - i:02d}.png").write_bytes(archive.read(drawings[1]))
+            lines.append(f"run01/test/item{ways + 1 - i:02d}.png run01/training/class{i:02d}.png")
+    (run / "class_labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.integration   # a training run through the CLI
+@needs_omniglot
+def test_omniglot_tiny_run_and_oneshot_eval(tmp_path, capsys):
+    out = tmp_path / "omni"
+    argv = ["train", "omniglot", "--data", str(OMNIGLOT), "--output", str(out), "--iterations", "2",
+            "--meta-batch", "2", "--eval-tasks", "3", "--samples", "2", "--log-every", "1",
+            "--eval-every", "0", "--checkpoint-every", "0", "--damping", "1.0", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    for name in ("metrics.json", "reliability_maml.png", "reliability_llama.png", "learning_curves.png"):
+        assert (out / name).is_file(), name
+    test = json.loads((out / "metrics.json").read_text())["results"]["llama"]["test"]
+    assert {"accuracy", "nll", "ece", "brier"} <= set(test)
+    runs = _tiny_oneshot_runs(tmp_path / "all_runs")
+    assert cli.main(["eval", str(out), "--oneshot-runs", str(runs)]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())["results"]
+    for name in ("maml", "llama"):
+        assert 0.0 <= evaluated[name]["oneshot_runs"]["accuracy"]["mean"] <= 1.0
+    assert "oneshot_runs" in capsys.readouterr().out
+
+
+def _tiny_posterior(loss, support):
+    """A 2-8-out float64 MLP adapted to 3 random tasks of `support` points (with 3 points its
+    head's 9-wide A is low-rank)."""
+    torch.manual_seed(0)
+    out = 1 if loss == "mse" else 4
+    model = lf.models.mlp(2, [8], out).double()
+    x = torch.randn(3, support, 2, dtype=torch.float64)
+    y = (torch.randn(3, support, 1, dtype=torch.float64) if loss == "mse"
+         else torch.randint(0, out, (3, support)))
+    return model, x, y, lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=1.0)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_laplace_evidence_matches_the_dense_log_det(loss):
+    """The evidence reuses the posterior's cached eigenvalues (incl. a low-rank head: 3 rows
+    for a 9-wide A); its log-det term must equal the reference's at every delta."""
+    from llama_fast.ops import reference
+
+    model, x, y, post = _tiny_posterior(loss, support=3)
+    nll = torch.rand(3, dtype=torch.float64)
+    grid = (1e-3, 0.1, 10.0)
+    evidence = selection.laplace_evidence(post, model, nll, grid=grid)
+    theta = dict(model.named_parameters())
+    sq = sum(((post.params[k] - theta[k].detach()) ** 2).flatten(1).sum(1) for k in post.params)
+    P = sum(p.numel() for p in model.parameters())
+    for row, delta in zip(evidence, grid):
+        dense = [a.dense() if hasattr(a, "dense") else a for a in post.A]
+        logdet = reference.kron_logdet(dense, post.G, damping=delta, scale=post.scale)
+        expected = -nll - 0.5 * delta * sq + 0.5 * P * torch.log(torch.tensor(delta, dtype=torch.float64)) - 0.5 * logdet
+        torch.testing.assert_close(row, expected, rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_damping_objective_nll_picks_the_lowest_validation_nll(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--damping-objective", "nll") == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["damping_objective"] == "nll"
+    curve = summary["damping_curve"]
+    assert [d for d, _ in curve] == list(selection.DAMPING_GRID)
+    assert summary["damping"] == min(curve, key=lambda row: row[1])[0]
+    assert "damping auto (nll)" in capsys.readouterr().out
+    assert cli.main(["eval", str(out)]) == 0   # eval repeats the choice from config.toml
+    assert json.loads((out / "eval.json").read_text())["damping"] == summary["damping"]
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_predictive_nll_is_the_evaluation_predictive_per_delta(loss):
+    """predictive_nll re-damps one posterior; each row equals a fresh adapt at that delta
+    predicting with the same seed (S samples), scored as the evaluation scores it."""
+    import math
+
+    model, x, y, post = _tiny_posterior(loss, support=5)
+    grid = (0.01, 1.0, 100.0)
+    values = selection.predictive_nll(post, x, y, loss, samples=4, seed=11, grid=grid)
+    assert values.shape == (3, 3)
+    for row, delta in zip(values, grid):
+        fresh = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=delta)
+        pred = fresh.predict(x, num_samples=4, generator=torch.Generator().manual_seed(11))
+        if loss == "mse":
+            mean, std = pred
+            expected = (0.5 * ((y - mean) / std) ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+        else:
+            expected = -pred.gather(-1, y.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12).log().mean(1)
+        torch.testing.assert_close(row, expected.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_fit_noise_picks_the_grid_sigma_with_the_lowest_validation_nll():
+    """A predictive with mean 0 and no model variance on targets of RMS 0.1: the Gaussian NLL
+    is minimised at sigma = RMS, a grid point; the curve is the manual mean NLL."""
+    y = torch.tensor([[0.1, -0.1], [0.1, -0.1], [-0.1, 0.1]]).unsqueeze(-1)   # [T=3, M=2, 1]
+    def predict(sigma):
+        return torch.zeros_like(y), torch.full_like(y, sigma)
+    sigma, curve = selection.fit_noise(predict, y)
+    assert sigma == pytest.approx(0.1) and sigma in selection.NOISE_GRID
+    assert [s for s, _ in curve] == list(selection.NOISE_GRID)
+    for s, value in curve:
+        assert value == pytest.approx(0.5 * 0.01 / s ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi), rel=1e-5)
+    # With model variance v the predictive std is sqrt(v + sigma^2): the best grid sigma is the
+    # one bringing it nearest the targets' RMS on the log-likelihood.
+    grid = (0.05, 0.1, 0.3, 1.0)
+    def predict_var(sigma):
+        return torch.zeros_like(y), torch.sqrt(torch.full_like(y, 0.3 ** 2 - 0.1 ** 2) + sigma ** 2)
+    y3 = 3 * y
+    sigma, curve = selection.fit_noise(predict_var, y3, grid=grid)
+    assert sigma == 0.1 and min(curve, key=lambda row: row[1])[0] == 0.1
+    with pytest.raises(FloatingPointError, match="noise auto"):
+        selection.fit_noise(lambda s: (torch.full_like(y, float("nan")), torch.ones_like(y)), y)
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_fixed_noise_is_used_and_stored(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--noise", "0.5", "--algorithm", "maml") == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["noise_mode"] == "0.5" and summary["noise_curve"] == {}
+    assert summary["noise"] == {"maml": {s: 0.5 for s in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10")}}
+    assert "noise auto" not in capsys.readouterr().out
