@@ -70,7 +70,8 @@ def write_build_info(with_cuda: bool):
 def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = (sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/autograd/*.cpp"))
+               + sorted(glob.glob("csrc/cpu/*.cpp")))
     # -fopenmp: ATen's at::parallel_for is inline OpenMP (ATen/ParallelOpenMP.h); without the
     # flag its `omp parallel` is ignored and every CPU kernel runs on one thread. The extension
     # then needs libgomp.so.1, the runtime torch itself loads (one OpenMP runtime per process).

@@ -1,39 +1,86 @@
-// The one schema file: every llama_fast op is declared here; the CPU and CUDA kernels are
-// registered per op family in cpu/ and cuda/ with TORCH_LIBRARY_IMPL.
+// The one schema file: every llama_fast op is declared here, and its typed C++ entry point
+// (llama_fast.h, where each op is documented) is defined here, the only place that looks up
+// an op in the dispatcher. The kernels are registered per op with TORCH_LIBRARY_IMPL: CPU in
+// cpu/, CUDA in cuda/, Autograd in autograd/.
+#include "llama_fast.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(llama_fast, m) {
-  // Batched K-FAC factors for a list of layers, all tasks at once:
-  //   A[l] = a_scale[l] * abar^T abar (abar = [a, 1] when bias[l]),  G[l] = g_scale[l] * g^T g.
   m.def(
       "kfac_factors(Tensor[] a, Tensor[] g, bool[] bias, float[] a_scale, float[] g_scale)"
       " -> (Tensor[], Tensor[])");
-  // Batched symmetric eigendecomposition of M [..., d, d]: ascending eigenvalues, column
-  // eigenvectors, and info (0: converged, 1: not converged) instead of an exception.
   m.def("sym_eig(Tensor M) -> (Tensor eigenvalues, Tensor eigenvectors, Tensor info)");
-  // Per-task damped Kronecker log-determinant summed over layers, "exact" damping:
-  //   sum_l sum_{p,q} log(scale * mu_p * lambda_q + damping[t])  (mu: eig(G[l]), lambda: eig(A[l]))
-  // with the eigendecompositions it used (reused by the backward pass and by sampling).
   m.def(
       "kron_logdet_exact(Tensor[] A, Tensor[] G, Tensor damping, float scale)"
       " -> (Tensor logdet, Tensor[] evals_A, Tensor[] evecs_A, Tensor[] evals_G, Tensor[] evecs_G)");
-  // The same sum from given eigenvalues (one fused reduction over all layers and tasks).
   m.def(
       "kron_logdet_from_eigs(Tensor[] evals_A, Tensor[] evals_G, Tensor damping, float scale)"
       " -> Tensor");
-  // Gradient weights of that sum: w_A[l] [T, a_l], w_G[l] [T, g_l] and d/d damping [T].
   m.def(
       "kron_logdet_weights(Tensor[] evals_A, Tensor[] evals_G, Tensor damping, float scale)"
       " -> (Tensor[] w_A, Tensor[] w_G, Tensor w_damping)");
-  // Batched Cholesky factorisation of SPD M [..., d, d] with log det M = 2 sum log diag(L);
-  // info is 0 or the first non-positive pivot + 1 (logdet NaN there), never an exception.
   m.def("chol_logdet(Tensor M) -> (Tensor logdet, Tensor L, Tensor info)");
-  // Gaussian posterior sampling in the eigenbases, all layers and tasks at once: per layer
-  //   out[l] [S, T, g_l, a_l] = Z * (scale * mu_p * lambda_q + damping[t])^(-1/2),  Z iid N(0, 1)
-  // (mu: evals_G[l], lambda: evals_A[l], negative round-off clamped to 0), drawn from the
-  // given generator or the default one of the device (torch.manual_seed governs it).
   m.def(
       "kron_scaled_normal(Tensor[] evals_A, Tensor[] evals_G, Tensor damping, float scale,"
       " int num_samples, Generator? generator=None) -> Tensor[]",
       {at::Tag::nondeterministic_seeded});
 }
+
+namespace llama_fast {
+namespace {
+
+// The typed dispatcher handle of op `name` for the C++ signature `Fn` of its entry point; the
+// dispatcher checks that signature against the registered kernels' (a mismatch throws).
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+}  // namespace
+
+KfacFactorsOutput kfac_factors(at::TensorList a, at::TensorList g, const c10::List<bool>& bias,
+                               c10::ArrayRef<double> a_scale, c10::ArrayRef<double> g_scale) {
+  static const auto op = typed_op<decltype(kfac_factors)>("llama_fast::kfac_factors");
+  return op.call(a, g, bias, a_scale, g_scale);
+}
+
+SymEigOutput sym_eig(const at::Tensor& M) {
+  static const auto op = typed_op<decltype(sym_eig)>("llama_fast::sym_eig");
+  return op.call(M);
+}
+
+KronLogdetExactOutput kron_logdet_exact(at::TensorList A, at::TensorList G,
+                                        const at::Tensor& damping, double scale) {
+  static const auto op = typed_op<decltype(kron_logdet_exact)>("llama_fast::kron_logdet_exact");
+  return op.call(A, G, damping, scale);
+}
+
+at::Tensor kron_logdet_from_eigs(at::TensorList evals_A, at::TensorList evals_G,
+                                 const at::Tensor& damping, double scale) {
+  static const auto op =
+      typed_op<decltype(kron_logdet_from_eigs)>("llama_fast::kron_logdet_from_eigs");
+  return op.call(evals_A, evals_G, damping, scale);
+}
+
+KronLogdetWeightsOutput kron_logdet_weights(at::TensorList evals_A, at::TensorList evals_G,
+                                            const at::Tensor& damping, double scale) {
+  static const auto op =
+      typed_op<decltype(kron_logdet_weights)>("llama_fast::kron_logdet_weights");
+  return op.call(evals_A, evals_G, damping, scale);
+}
+
+CholLogdetOutput chol_logdet(const at::Tensor& M) {
+  static const auto op = typed_op<decltype(chol_logdet)>("llama_fast::chol_logdet");
+  return op.call(M);
+}
+
+TensorVector kron_scaled_normal(at::TensorList evals_A, at::TensorList evals_G,
+                                const at::Tensor& damping, double scale, int64_t num_samples,
+                                const std::optional<at::Generator>& generator) {
+  static const auto op = typed_op<decltype(kron_scaled_normal)>("llama_fast::kron_scaled_normal");
+  return op.call(evals_A, evals_G, damping, scale, num_samples, generator);
+}
+
+}  // namespace llama_fast

@@ -33,7 +33,7 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("path, code", _blocks())
+@pytest.mark.parametrize("path, code", list(_blocks()))
 def test_code_block_runs(path, code, tmp_path, monkeypatch, restore_threads):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(path), "exec"), {"__name__": "__main__"})

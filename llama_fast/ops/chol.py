@@ -3,7 +3,7 @@
 The compiled op torch.ops.llama_fast.chol_logdet returns (logdet, L, info); info is 0, or the
 first non-positive pivot + 1 (logdet is NaN there), instead of an exception in the kernel.
 Backward: d logdet / dM = M^-1, from the factor (cholesky_inverse); its autograd formula is
-registered in C++ (csrc/chol_autograd.cpp), this module adds the fake (meta) implementation
+registered in C++ (csrc/autograd/chol_logdet.cpp), this module adds the fake (meta) implementation
 for torch.compile and the user-facing wrapper.
 """
 

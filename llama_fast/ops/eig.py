@@ -2,7 +2,7 @@
 
 The compiled op torch.ops.llama_fast.sym_eig also returns an info tensor (0: converged,
 1: not converged) instead of raising inside the kernel, so CUDA calls never sync the host.
-Its gradient (torch.linalg.eigh's formula) is registered in C++: csrc/eig_autograd.cpp.
+Its gradient (torch.linalg.eigh's formula) is registered in C++: csrc/autograd/sym_eig.cpp.
 """
 
 import torch

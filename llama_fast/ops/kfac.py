@@ -1,7 +1,7 @@
 """kfac_factors: batched Kronecker factors of every K-FAC layer of every task in one op call.
 
 The compiled op is torch.ops.llama_fast.kfac_factors (a grouped kernel over a list of
-layers, its autograd formula registered in C++: csrc/kfac_autograd.cpp); this module adds its
+layers, its autograd formula registered in C++: csrc/autograd/kfac_factors.cpp); this module adds its
 fake (meta) implementation for torch.compile and the user-facing wrapper with argument
 checking.
 """

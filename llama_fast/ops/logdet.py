@@ -5,7 +5,7 @@ Per layer, ``H = s * (G (x) A) + delta * I`` (docs/ops.md, "Conventions") and, i
 compiled op torch.ops.llama_fast.kron_logdet_exact returns the eigendecompositions it used,
 so the backward pass reuses them: ``dA = Q_A diag(w_A) Q_A^T`` with
 ``w_A[q] = sum_p s mu_p / (s mu_p lambda_q + delta)`` (no eigenvector derivatives). Its autograd
-formula is registered in C++ (csrc/logdet_autograd.cpp); this module adds the fake (meta)
+formula is registered in C++ (csrc/autograd/kron_logdet.cpp); this module adds the fake (meta)
 implementations for torch.compile and the user-facing wrapper.
 """
 

@@ -31,7 +31,9 @@ def test_version_mismatch_names_both_versions(monkeypatch):
         _extension.load()
 
 
-def test_missing_extension_is_a_clear_import_error(monkeypatch):
+@pytest.fixture
+def without_extension(monkeypatch):
+    """Importing llama_fast._C fails, as it does where the extension was never built."""
     real_import = importlib.import_module
 
     def fake_import(name, *args):
@@ -40,6 +42,9 @@ def test_missing_extension_is_a_clear_import_error(monkeypatch):
         return real_import(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", fake_import)
+
+
+def test_missing_extension_is_a_clear_import_error(without_extension):
     with pytest.raises(ImportError, match=r"could not be loaded.*pip install --no-build-isolation"):
         _extension.load()
 
@@ -48,21 +53,13 @@ def test_public_names():
     assert callable(lf.kfac_factors) and callable(lf.reference.kfac_factors)
 
 
-def test_checkout_without_a_build_says_what_to_do(monkeypatch, tmp_path):
+def test_checkout_without_a_build_says_what_to_do(monkeypatch, tmp_path, without_extension):
     """Importing a source checkout that holds no compiled extension (e.g. running pytest from
     the checkout after a non-editable `pip install .`) names the checkout and the two ways out."""
     (tmp_path / "csrc").mkdir()
     (tmp_path / "setup.py").write_text("")
     (tmp_path / "llama_fast").mkdir()
     monkeypatch.setattr(_extension, "PACKAGE", tmp_path / "llama_fast")
-    real_import = importlib.import_module
-
-    def fake_import(name, *args):
-        if name == "llama_fast._C":
-            raise ImportError("No module named 'llama_fast._C'")
-        return real_import(name, *args)
-
-    monkeypatch.setattr(importlib, "import_module", fake_import)
     with pytest.raises(ImportError, match=r"source checkout .*pip install -e \.") as err:
         _extension.load()
     assert str(tmp_path / "llama_fast") in str(err.value) and "another directory" in str(err.value)

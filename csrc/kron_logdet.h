@@ -1,10 +1,10 @@
-// kron_logdet op family: argument checks shared by the CPU and CUDA kernels of the per-layer
-// reductions over eigenvalue pairs (cpu/logdet_kernel.cpp, cuda/logdet_kernel.cu).
+// kron_logdet_exact, kron_logdet_from_eigs, kron_logdet_weights: argument checks shared by the
+// CPU and CUDA kernels of the per-layer reductions over eigenvalue pairs
+// (cpu/kron_logdet_kernel.cpp, cuda/kron_logdet_kernel.cu) and by kron_scaled_normal.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-#include <tuple>
 #include <vector>
 
 namespace llama_fast {

@@ -1,4 +1,4 @@
-#include "kfac.h"
+#include "kfac_factors.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

@@ -4,28 +4,17 @@
 //   G = s * g^T g        =>  dg = s * g (dG + dG^T)
 // The backward is written with differentiable ATen ops, so double backward works.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "kfac.h"
+#include "../llama_fast.h"
+#include "below_autograd.h"
 
 namespace llama_fast {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-KfacOutput call_kfac_below_autograd(at::TensorList a, at::TensorList g,
-                                    const c10::List<bool>& bias, c10::ArrayRef<double> a_scale,
-                                    c10::ArrayRef<double> g_scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("llama_fast::kfac_factors", "")
-                       .typed<KfacOutput(at::TensorList, at::TensorList, const c10::List<bool>&,
-                                         c10::ArrayRef<double>, c10::ArrayRef<double>)>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(a, g, bias, a_scale, g_scale);
-}
 
 // Gradient of out = scale * xbar^T xbar (xbar = [x, 1] if ones) with respect to x.
 // The scale goes on the small (cols x cols) matrix and the bias row's cross terms ride in the
@@ -47,7 +36,7 @@ struct KfacFactorsFunction : public torch::autograd::Function<KfacFactorsFunctio
   static variable_list forward(AutogradContext* ctx, at::TensorList a, at::TensorList g,
                                const c10::List<bool>& bias, c10::ArrayRef<double> a_scale,
                                c10::ArrayRef<double> g_scale) {
-    auto [A, G] = call_kfac_below_autograd(a, g, bias, a_scale, g_scale);
+    auto [A, G] = call_below_autograd(kfac_factors, a, g, bias, a_scale, g_scale);
     variable_list inputs(a.begin(), a.end());
     inputs.insert(inputs.end(), g.begin(), g.end());
     ctx->save_for_backward(inputs);
@@ -75,8 +64,9 @@ struct KfacFactorsFunction : public torch::autograd::Function<KfacFactorsFunctio
   }
 };
 
-KfacOutput kfac_factors_autograd(at::TensorList a, at::TensorList g, const c10::List<bool>& bias,
-                                 c10::ArrayRef<double> a_scale, c10::ArrayRef<double> g_scale) {
+KfacFactorsOutput kfac_factors_autograd(at::TensorList a, at::TensorList g,
+                                        const c10::List<bool>& bias, c10::ArrayRef<double> a_scale,
+                                        c10::ArrayRef<double> g_scale) {
   variable_list out = KfacFactorsFunction::apply(a, g, bias, a_scale, g_scale);
   const auto layers = static_cast<int64_t>(a.size());
   return {TensorVector(out.begin(), out.begin() + layers),

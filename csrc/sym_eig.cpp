@@ -1,4 +1,4 @@
-#include "eig.h"
+#include "sym_eig.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

@@ -3,25 +3,17 @@
 // The gradient is torch.linalg.eigh's: with (w, Q) = eig(M), dL/dw = gw and dL/dQ = gQ,
 //   dM = Q (diag(gw) + F o sym-part) Q^T,  F_ij = (Q^T gQ)_ij antisymmetrised / (w_j - w_i).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "eig.h"
+#include "../llama_fast.h"
+#include "below_autograd.h"
 
 namespace llama_fast {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-SymEigOutput call_sym_eig_below_autograd(const at::Tensor& M) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("llama_fast::sym_eig", "")
-                       .typed<SymEigOutput(const at::Tensor&)>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(M);
-}
 
 at::Tensor eigh_input_grad(const at::Tensor& evals, const at::Tensor& evecs,
                            const at::Tensor& d_evals, const at::Tensor& d_evecs) {
@@ -40,7 +32,7 @@ at::Tensor eigh_input_grad(const at::Tensor& evals, const at::Tensor& evecs,
 
 struct SymEigFunction : public torch::autograd::Function<SymEigFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& M) {
-    auto [evals, evecs, info] = call_sym_eig_below_autograd(M);
+    auto [evals, evecs, info] = call_below_autograd(sym_eig, M);
     ctx->mark_non_differentiable({info});
     ctx->save_for_backward({evals, evecs});
     return {evals, evecs, info};

@@ -9,13 +9,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LF_HOST_DEVICE __host__ __device__ __forceinline__
-#define LF_UNROLL _Pragma("unroll")
-#else
-#define LF_HOST_DEVICE inline
-#define LF_UNROLL _Pragma("GCC unroll 16")
-#endif
+#include "host_device.h"
 
 namespace llama_fast {
 

@@ -1,13 +1,14 @@
-// kron_logdet: argument checks, and the composite exact op. The composite is registered for
-// CompositeExplicitAutograd (its autograd kernel is in logdet_autograd.cpp): it calls the
-// sym_eig op and the backend reduction op through the dispatcher, and returns the
+// kron_logdet_*: argument checks, and the composite kron_logdet_exact. The composite is
+// registered for CompositeExplicitAutograd (its autograd kernel is in autograd/kron_logdet.cpp):
+// it calls the sym_eig and kron_logdet_from_eigs ops through the dispatcher, and returns the
 // eigendecompositions so that the backward pass reuses them.
-#include "logdet.h"
+#include "kron_logdet.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include "llama_fast.h"
 
 namespace llama_fast {
 
@@ -35,46 +36,27 @@ std::vector<at::Tensor> contiguous_all(at::TensorList xs) {
 
 namespace {
 
-using KronLogdetOutput = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                                    std::vector<at::Tensor>, std::vector<at::Tensor>>;
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_sym_eig(const at::Tensor& M) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("llama_fast::sym_eig", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&)>();
-  return op.call(M);
-}
-
-at::Tensor call_reduce(at::TensorList evals_A, at::TensorList evals_G, const at::Tensor& damping,
-                       double scale) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("llama_fast::kron_logdet_from_eigs", "")
-          .typed<at::Tensor(at::TensorList, at::TensorList, const at::Tensor&, double)>();
-  return op.call(evals_A, evals_G, damping, scale);
-}
-
-KronLogdetOutput kron_logdet_exact(at::TensorList A, at::TensorList G, const at::Tensor& damping,
-                                   double scale) {
+KronLogdetExactOutput kron_logdet_exact_composite(at::TensorList A, at::TensorList G,
+                                                  const at::Tensor& damping, double scale) {
   TORCH_CHECK(A.size() == G.size(), "kron_logdet: got ", A.size(), " factors A but ", G.size(),
               " factors G");
-  std::vector<at::Tensor> wA, QA, wG, QG;
+  TensorVector wA, QA, wG, QG;
   for (size_t l = 0; l < A.size(); ++l) {
-    auto [w_a, q_a, info_a] = call_sym_eig(A[l]);
-    auto [w_g, q_g, info_g] = call_sym_eig(G[l]);
+    auto [w_a, q_a, info_a] = sym_eig(A[l]);
+    auto [w_g, q_g, info_g] = sym_eig(G[l]);
     wA.push_back(w_a);
     QA.push_back(q_a);
     wG.push_back(w_g);
     QG.push_back(q_g);
   }
-  at::Tensor logdet = call_reduce(wA, wG, damping, scale);
+  at::Tensor logdet = kron_logdet_from_eigs(wA, wG, damping, scale);
   return {logdet, wA, QA, wG, QG};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama_fast, CompositeExplicitAutograd, m) {
-  m.impl("kron_logdet_exact", &kron_logdet_exact);
+  m.impl("kron_logdet_exact", &kron_logdet_exact_composite);
 }
 
 }  // namespace llama_fast

@@ -1,20 +1,17 @@
-// K-FAC factor op family: argument checking and output planning shared by the CPU and CUDA
-// kernels. The kernels themselves live in cpu/kfac_kernel.cpp and cuda/kfac_kernel.cu.
+// kfac_factors: argument checking and output planning shared by the CPU and CUDA kernels
+// (cpu/kfac_factors_kernel.cpp, cuda/kfac_factors_kernel.cu).
 #pragma once
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
-#include <tuple>
 #include <vector>
 
-#include "gram_common.h"
+#include "kfac_factors_common.h"
+#include "llama_fast.h"
 
 namespace llama_fast {
-
-using TensorVector = std::vector<at::Tensor>;
-using KfacOutput = std::tuple<TensorVector, TensorVector>;
 
 // Outputs of one kfac_factors call and the 2L Gram problems (A then G per layer) filling them.
 struct KfacPlan {

@@ -1,5 +1,5 @@
 // CUDA kernel of sym_eig: one block per matrix runs the parallel-order Jacobi solver shared
-// with the CPU kernel (eig_common.h). Each round's n/2 rotations are independent: the threads
+// with the CPU kernel (sym_eig_common.h). Each round's n/2 rotations are independent: the threads
 // first compute all rotations, then rotate all row pairs, then all column pairs of A and V.
 // A and V live in shared memory when they fit (opt-in size, up to ~227 KB on Hopper), else in
 // a global workspace. Convergence failures are reported in `info`; nothing syncs with the host.
@@ -10,9 +10,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../eig.h"
+#include "../sym_eig.h"
+#include "../sym_eig_common.h"
 #include "block_reduce.cuh"
-#include "../eig_common.h"
 
 namespace llama_fast {
 namespace {

@@ -1,10 +1,9 @@
-// kron_scaled_normal: argument checks and output allocation shared by the CPU and CUDA kernels.
-#include "sample.h"
+#include "kron_scaled_normal.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include "logdet.h"
+#include "kron_logdet.h"
 
 namespace llama_fast {
 

@@ -1,47 +1,26 @@
 // Autograd kernel of kron_logdet_exact, registered in C++ so that a call carries no Python
 // autograd layer (for the sinusoid MLP's six <= 10 x 10 factors that layer cost more than the
-// op: 180 us of a 500 us forward + backward).
+// op; timings: benchmarks/bench_logdet.py, benchmarks/RESULTS.md).
 // The op returns the eigendecompositions it used; the backward reuses them, without
 // eigenvector derivatives:
 //   dA_l = Q_A diag(w_A * g) Q_A^T,  w_A[q] = sum_p s mu_p / (s mu_p lambda_q + delta),
 // likewise for G, and d delta = g * sum_{p,q} 1 / (s mu_p lambda_q + delta) (kron_logdet_weights).
 // The eigendecompositions are outputs for reuse, not differentiable ones.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <tuple>
 #include <vector>
+
+#include "../llama_fast.h"
+#include "below_autograd.h"
 
 namespace llama_fast {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using TensorVector = std::vector<at::Tensor>;
-using KronLogdetOutput = std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector>;
-using WeightsOutput = std::tuple<TensorVector, TensorVector, at::Tensor>;
-
-KronLogdetOutput call_exact_below_autograd(at::TensorList A, at::TensorList G,
-                                           const at::Tensor& damping, double scale) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("llama_fast::kron_logdet_exact", "")
-          .typed<KronLogdetOutput(at::TensorList, at::TensorList, const at::Tensor&, double)>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(A, G, damping, scale);
-}
-
-WeightsOutput call_weights(at::TensorList evals_A, at::TensorList evals_G,
-                           const at::Tensor& damping, double scale) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("llama_fast::kron_logdet_weights", "")
-          .typed<WeightsOutput(at::TensorList, at::TensorList, const at::Tensor&, double)>();
-  return op.call(evals_A, evals_G, damping, scale);
-}
 
 // Q diag(weights) Q^T for a batch.
 at::Tensor rotate_back(const at::Tensor& evecs, const at::Tensor& weights) {
@@ -53,7 +32,7 @@ struct KronLogdetExactFunction : public torch::autograd::Function<KronLogdetExac
   static variable_list forward(AutogradContext* ctx, at::TensorList A, at::TensorList G,
                                const at::Tensor& damping, double scale) {
     auto [logdet, evals_A, evecs_A, evals_G, evecs_G] =
-        call_exact_below_autograd(A, G, damping, scale);
+        call_below_autograd(kron_logdet_exact, A, G, damping, scale);
     variable_list eigs;
     for (const TensorVector* part : {&evals_A, &evecs_A, &evals_G, &evecs_G})
       eigs.insert(eigs.end(), part->begin(), part->end());
@@ -84,7 +63,8 @@ struct KronLogdetExactFunction : public torch::autograd::Function<KronLogdetExac
       return TensorVector(saved.begin() + 1 + part * layers, saved.begin() + 1 + (part + 1) * layers);
     };
     const TensorVector evals_A = block(0), evecs_A = block(1), evals_G = block(2), evecs_G = block(3);
-    auto [w_A, w_G, w_delta] = call_weights(evals_A, evals_G, damping, ctx->saved_data["scale"].toDouble());
+    auto [w_A, w_G, w_delta] =
+        kron_logdet_weights(evals_A, evals_G, damping, ctx->saved_data["scale"].toDouble());
     const at::Tensor g = d_logdet.unsqueeze(-1);
     for (size_t l = 0; l < layers; ++l) {
       grads[l] = rotate_back(evecs_A[l], w_A[l] * g);
@@ -95,8 +75,8 @@ struct KronLogdetExactFunction : public torch::autograd::Function<KronLogdetExac
   }
 };
 
-KronLogdetOutput kron_logdet_exact_autograd(at::TensorList A, at::TensorList G,
-                                            const at::Tensor& damping, double scale) {
+KronLogdetExactOutput kron_logdet_exact_autograd(at::TensorList A, at::TensorList G,
+                                                 const at::Tensor& damping, double scale) {
   const variable_list out = KronLogdetExactFunction::apply(A, G, damping, scale);
   const auto layers = static_cast<std::ptrdiff_t>(A.size());
   auto block = [&](std::ptrdiff_t part) {

@@ -1,5 +1,5 @@
 // CUDA kernels of the kron_logdet reductions. One launch covers every layer and task: a block
-// per (layer, task) sums the shared per-pair terms (logdet_common.h) over all (p, q) with a
+// per (layer, task) sums the shared per-pair terms (kron_logdet_common.h) over all (p, q) with a
 // block reduction into partial[l][t]; the weights kernel gives each thread one eigenvalue.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,9 +13,10 @@
 #include <tuple>
 #include <vector>
 
-#include "../logdet.h"
+#include "../kron_logdet.h"
+#include "../kron_logdet_common.h"
+#include "../llama_fast.h"
 #include "block_reduce.cuh"
-#include "../logdet_common.h"
 
 namespace llama_fast {
 namespace {
@@ -130,7 +131,7 @@ at::Tensor kron_logdet_from_eigs_cuda(at::TensorList evals_A, at::TensorList eva
   return partial.sum(0);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> kron_logdet_weights_cuda(
+KronLogdetWeightsOutput kron_logdet_weights_cuda(
     at::TensorList evals_A, at::TensorList evals_G, const at::Tensor& damping, double scale) {
   check_kron_eigs(evals_A, evals_G, damping);
   const c10::cuda::CUDAGuard guard(damping.device());

@@ -5,7 +5,8 @@
 // seeds) per call: the same seed gives the same samples on any number of threads, each call
 // advances the generator, and the chunks are drawn in parallel (torch.randn draws serially)
 // and scaled in place while still in cache, by the per-element formula shared with CUDA
-// (sample_common.h). torch's DataLoader seeds its workers the same way (base seed + worker).
+// (kron_scaled_normal_common.h). torch's DataLoader seeds its workers the same way (base seed
+// + worker).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
@@ -19,17 +20,17 @@
 #include <utility>
 #include <vector>
 
-#include "../logdet.h"
-#include "../sample.h"
-#include "../sample_common.h"
+#include "../kron_logdet.h"
+#include "../kron_scaled_normal.h"
+#include "../kron_scaled_normal_common.h"
 
 namespace llama_fast {
 namespace {
 
-// Elements drawn with one generator: large enough that seeding its Mersenne Twister (~2 us)
-// is noise next to drawing them (~55 us), small enough (64 KB of float) to stay in L2 between
-// drawing and scaling, and to split the sinusoid network's outputs (70K elements at T=4,
-// S=10) over the threads.
+// Elements drawn with one generator: large enough that seeding its Mersenne Twister is noise
+// next to drawing them, small enough (64 KB of float) to stay in L2 between drawing and
+// scaling, and to split the sinusoid network's outputs (70K elements at T=4, S=10) over the
+// threads. Timings: benchmarks/bench_sample.py, benchmarks/RESULTS.md.
 constexpr int64_t kDrawChunk = int64_t(1) << 14;
 
 // out[k] *= std(t, p, q) over the flat range [begin, end) of one layer's [S, T, g, a] output,

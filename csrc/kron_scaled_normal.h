@@ -1,5 +1,6 @@
-// kron_scaled_normal op family (Gaussian posterior sampling): argument checks shared by the CPU
-// and CUDA kernels (cpu/sample_kernel.cpp, cuda/sample_kernel.cu).
+// kron_scaled_normal (Gaussian posterior sampling): argument checks and output allocation
+// shared by the CPU and CUDA kernels (cpu/kron_scaled_normal_kernel.cpp,
+// cuda/kron_scaled_normal_kernel.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>

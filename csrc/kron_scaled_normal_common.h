@@ -10,7 +10,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "logdet_common.h"
+#include "host_device.h"
+#include "kron_logdet_common.h"
 
 namespace llama_fast {
 
@@ -21,8 +22,8 @@ LF_HOST_DEVICE T kron_posterior_std(T mu, T lambda, T scale, T damping) {
 #if defined(__CUDA_ARCH__)
   return T(1) / sqrt(h);
 #else
-  // std::sqrt keeps float in float on the host (the global C sqrt takes a double: measured as
-  // most of the CPU op's time at S = 1, in conversions and double-precision sqrt/divide).
+  // std::sqrt keeps float in float on the host (the global C sqrt takes a double, and its
+  // conversions and double-precision sqrt/divide were most of the CPU op's time at S = 1).
   return T(1) / std::sqrt(h);
 #endif
 }

@@ -1,4 +1,4 @@
-#include "chol.h"
+#include "chol_logdet.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -14,8 +14,8 @@ void check_chol_input(const at::Tensor& M) {
               "chol_logdet: M must be float32 or float64, got ", M.scalar_type());
 }
 
-CholOutput chol_output(const at::Tensor& M, const at::Tensor& L, const at::Tensor& info,
-                       const at::Tensor& logdet) {
+CholLogdetOutput chol_output(const at::Tensor& M, const at::Tensor& L, const at::Tensor& info,
+                             const at::Tensor& logdet) {
   const at::Tensor flat_logdet =
       logdet.defined() ? logdet
                        : (2 * L.diagonal(0, -2, -1).log().sum(-1))

@@ -1,13 +1,14 @@
 // CPU kernel of chol_logdet: batched Cholesky factorisation and log-determinant. Two paths:
-//  - "portable": the right-looking Cholesky shared with the CUDA kernel (chol_common.h),
+//  - "portable": the right-looking Cholesky shared with the CUDA kernel (chol_logdet_common.h),
 //    serially per matrix, parallel over matrices with at::parallel_for; the default up to
 //    order kPortableMaxOrder, where it beats LAPACK's per-matrix calls;
 //  - "lapack": LAPACK's potrf through ATen's batched linalg_cholesky_ex (blocked: faster
 //    for larger matrices).
 // Either way the factor comes out with zeros above the diagonal and the log-det from its
-// diagonal in the same pass, without further copies of the batch (a 32 x 577 x 577 batch
-// took 96 ms against torch.linalg.cholesky's 57 ms with a clone and a tril copy around it).
+// diagonal in the same pass, without further copies of the batch (with a clone and a tril copy
+// around the factorisation, large batches took far longer than torch.linalg.cholesky).
 // LLAMA_FAST_CPU_CHOL=portable|lapack forces one path (the tests run both).
+// Timings of both paths: benchmarks/bench_chol.py, benchmarks/RESULTS.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,8 +18,8 @@
 #include <limits>
 #include <tuple>
 
-#include "../chol.h"
-#include "../chol_common.h"
+#include "../chol_logdet.h"
+#include "../chol_logdet_common.h"
 #include "path_choice.h"
 
 namespace llama_fast {
@@ -36,9 +37,8 @@ int cholesky_in_place(T* A, int64_t d) {
   return 0;
 }
 
-// Measured on the 2-core EPYC (forward, float32, batch T), portable vs LAPACK: d = 65, T = 4:
-// 0.055 vs 0.085 ms, T = 32: 0.28 vs 0.52 ms; d = 130, T = 4: 0.29 vs 0.26 ms, T = 32: 1.8 vs
-// 2.3 ms; d = 245, T = 4: 1.8 vs 0.9 ms.
+// The order up to which the portable path beats LAPACK's blocked one, as measured by
+// benchmarks/bench_chol.py.
 constexpr int64_t kPortableMaxOrder = 96;
 
 // 2 * sum log diag(L) of one factor whose diagonal entries lie `step` apart, NaN if it failed
@@ -81,7 +81,7 @@ void lapack_batch(const at::Tensor& flat, at::Tensor& L, at::Tensor& info, at::T
     out[b] = logdet_of_factor(data + b * L.stride(0), L.size(-1), L.stride(1) + L.stride(2), info_ptr[b]);
 }
 
-CholOutput chol_logdet_cpu(const at::Tensor& M) {
+CholLogdetOutput chol_logdet_cpu(const at::Tensor& M) {
   check_chol_input(M);
   const int64_t d = M.size(-1);
   const at::Tensor flat = M.reshape({-1, d, d});

@@ -4,7 +4,8 @@
 // increasing order. Each thread owns one Philox subsequence (curand_init(seed, thread, offset)
 // with seed and offset from torch's CUDA generator, as ATen's DistributionTemplates.h does) and
 // draws 4 normals per quad (curand_normal4, or 2 x curand_normal2_double), scaled by the
-// element's posterior standard deviation (sample_common.h, shared with the CPU kernel).
+// element's posterior standard deviation (kron_scaled_normal_common.h, shared with the CPU
+// kernel).
 // The generator's offset advances by the draws of the busiest thread, under its mutex, so
 // torch.manual_seed / an explicit generator govern the draws and CUDA graphs capture the op.
 #include <ATen/ATen.h>
@@ -24,9 +25,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../logdet.h"
-#include "../sample.h"
-#include "../sample_common.h"
+#include "../kron_logdet.h"
+#include "../kron_scaled_normal.h"
+#include "../kron_scaled_normal_common.h"
 
 namespace llama_fast {
 namespace {

@@ -1,16 +1,12 @@
-// sym_eig op family: argument checks and output shaping shared by the CPU and CUDA kernels
-// (cpu/eig_kernel.cpp, cuda/eig_kernel.cu).
+// sym_eig: argument checks and output shaping shared by the CPU and CUDA kernels
+// (cpu/sym_eig_kernel.cpp, cuda/sym_eig_kernel.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-#include <tuple>
+#include "llama_fast.h"
 
 namespace llama_fast {
-
-// (eigenvalues [..., d] ascending, eigenvectors [..., d, d] as columns, info [...] int32:
-// 0 converged, 1 not converged).
-using SymEigOutput = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // M must be [..., d, d], float32/float64; errors name the argument.
 void check_sym_eig_input(const at::Tensor& M);

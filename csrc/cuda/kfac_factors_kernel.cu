@@ -14,8 +14,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../gram_common.h"
-#include "../kfac.h"
+#include "../kfac_factors.h"
+#include "../kfac_factors_common.h"
 
 namespace llama_fast {
 namespace {
@@ -115,8 +115,9 @@ void launch_group(const GramProblem* problems, int count, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-KfacOutput kfac_factors_cuda(at::TensorList a, at::TensorList g, const c10::List<bool>& bias,
-                             c10::ArrayRef<double> a_scale, c10::ArrayRef<double> g_scale) {
+KfacFactorsOutput kfac_factors_cuda(at::TensorList a, at::TensorList g,
+                                    const c10::List<bool>& bias, c10::ArrayRef<double> a_scale,
+                                    c10::ArrayRef<double> g_scale) {
   KfacPlan plan = plan_kfac_factors(a, g, bias, a_scale, g_scale);
   if (plan.problems.empty()) return {std::move(plan.A), std::move(plan.G)};
   TORCH_CHECK(a[0].is_cuda(), "kfac_factors: CUDA kernel got tensors on ", a[0].device());

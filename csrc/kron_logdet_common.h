@@ -8,8 +8,9 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
-#include "gram_common.h"
+#include "host_device.h"
 
 namespace llama_fast {
 

@@ -3,12 +3,12 @@
 // the factorisation). d log det M / dM = M^-1, from the factor (cholesky_inverse); L and info
 // are outputs, not differentiable ones. No double backward (as kron_logdet).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "chol.h"
+#include "../llama_fast.h"
+#include "below_autograd.h"
 
 namespace llama_fast {
 namespace {
@@ -16,17 +16,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-CholOutput call_chol_below_autograd(const at::Tensor& M) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("llama_fast::chol_logdet", "")
-                             .typed<CholOutput(const at::Tensor&)>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(M);
-}
-
 struct CholLogdetFunction : public torch::autograd::Function<CholLogdetFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& M) {
-    auto [logdet, L, info] = call_chol_below_autograd(M);
+    auto [logdet, L, info] = call_below_autograd(chol_logdet, M);
     ctx->mark_non_differentiable({L, info});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({L});
@@ -42,7 +34,7 @@ struct CholLogdetFunction : public torch::autograd::Function<CholLogdetFunction>
   }
 };
 
-CholOutput chol_logdet_autograd(const at::Tensor& M) {
+CholLogdetOutput chol_logdet_autograd(const at::Tensor& M) {
   const variable_list out = CholLogdetFunction::apply(M);
   return {out[0], out[1], out[2]};
 }

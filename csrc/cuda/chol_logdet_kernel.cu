@@ -1,6 +1,6 @@
 // CUDA kernel of chol_logdet: one block per matrix runs the right-looking Cholesky shared with
-// the CPU kernel (chol_common.h): per column, one thread takes the pivot, then the block scales
-// the column and updates the trailing lower triangle in parallel. The matrix lives in shared
+// the CPU kernel (chol_logdet_common.h): per column, one thread takes the pivot, then the block
+// scales the column and updates the trailing lower triangle in parallel. The matrix lives in shared
 // memory when it fits (opt-in size), else it is factorised in place in the output. A failed
 // pivot is reported in `info`; nothing syncs with the host.
 #include <ATen/ATen.h>
@@ -10,8 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../chol.h"
-#include "../chol_common.h"
+#include "../chol_logdet.h"
+#include "../chol_logdet_common.h"
 
 namespace llama_fast {
 namespace {
@@ -63,7 +63,7 @@ void launch_cholesky(at::Tensor& L, at::Tensor& info) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-CholOutput chol_logdet_cuda(const at::Tensor& M) {
+CholLogdetOutput chol_logdet_cuda(const at::Tensor& M) {
   check_chol_input(M);
   const c10::cuda::CUDAGuard guard(M.device());
   const int64_t d = M.size(-1);

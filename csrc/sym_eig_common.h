@@ -14,7 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "gram_common.h"
+#include "host_device.h"
 
 namespace llama_fast {
 

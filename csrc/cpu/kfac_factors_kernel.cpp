@@ -1,12 +1,13 @@
 // CPU kernels of kfac_factors: a grouped symmetric Gram product over all layers and tasks,
 // parallel with at::parallel_for. Only one triangle is computed, then mirrored. Two paths:
 //  - "portable": upper-triangle tiles accumulated by the register-blocked micro-kernel shared
-//    with the CUDA kernel (gram_common.h) on packed row panels; the bias column of ones is
-//    produced while packing. Used for small problems, where call overheads dominate.
+//    with the CUDA kernel (kfac_factors_common.h) on packed row panels; the bias column of
+//    ones is produced while packing. Used for small problems, where call overheads dominate.
 //  - "blas": per (task, block row) one BLAS gemm over the lower-triangle panel (ATen's
 //    cpublas, i.e. MKL/OpenBLAS), the bias row from column sums, then the mirror. Used when
-//    the arithmetic dominates: BLAS is several times faster than portable C++ there.
+//    the arithmetic dominates, where BLAS outruns portable C++.
 // LLAMA_FAST_CPU_GRAM=portable|blas forces one path (tests run both on every shape).
+// Timings of both paths: benchmarks/bench_kfac.py, benchmarks/RESULTS.md.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,8 +17,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../gram_common.h"
-#include "../kfac.h"
+#include "../kfac_factors.h"
+#include "../kfac_factors_common.h"
 #include "path_choice.h"
 
 namespace llama_fast {
@@ -221,7 +222,7 @@ int64_t blas_block(const GramProblem& p) { return p.cols <= 256 ? p.cols : 64; }
 // For each block row I of the data columns, the unscaled lower-triangle panel
 // x[:, :, J]^T x[:, :, I] (J: all columns from the block on), for all tasks in one batched
 // gemm through ATen. (bmm into fresh tensors: its out= variants take a slow path for strided
-// outputs, measured 4x slower than bmm + copy at T=32, 40x40.)
+// outputs, slower than bmm + copy.)
 std::vector<at::Tensor> lower_panels(const GramProblem& p, const at::Tensor& x) {
   std::vector<at::Tensor> panels;
   for (int64_t c0 = 0; c0 < p.cols; c0 += blas_block(p)) {
@@ -266,8 +267,8 @@ void copy_lower_panels(const GramProblem& p, const std::vector<at::Tensor>& pane
 
 // One full-width panel (narrow factors): each output row is written once, contiguously, from
 // the panel's lower triangle (row r up to the diagonal, then column r below it), so the
-// result is exactly symmetric without a strided mirror pass (which cost more than the gemm
-// at 40 wide).
+// result is exactly symmetric without a strided mirror pass (which can cost more than the gemm
+// for narrow factors).
 template <typename T>
 void copy_symmetric_from_lower(const T* panel, int64_t n, T scale, T* out, int64_t width) {
   for (int64_t r = 0; r < n; ++r) {
@@ -329,8 +330,8 @@ void gram_blas(const std::vector<GramProblem>& problems, const std::vector<at::T
 // ---- path choice --------------------------------------------------------------------------
 
 // Portable pays off only where the fixed cost of the BLAS path (a batched gemm, a temporary
-// and a finishing pass per problem, ~20 us) outweighs its faster arithmetic: calls whose
-// problems are all tiny, such as the sinusoid MLP at T=4 (2 cores, benchmarks/RESULTS.md).
+// and a finishing pass per problem) outweighs its faster arithmetic: calls whose problems are
+// all tiny, such as the sinusoid MLP at T=4.
 bool prefers_portable(const GramProblem& p) {
   constexpr int64_t kPortableMaxWork = int64_t(1) << 17;  // multiply-adds over all tasks
   return p.tasks * p.rows * p.width() * p.width() <= kPortableMaxWork;
@@ -341,7 +342,7 @@ template <typename T>
 void gram_grouped_cpu(const KfacPlan& plan, at::TensorList a, at::TensorList g) {
   const CpuPath path = cpu_path_from_env("LLAMA_FAST_CPU_GRAM", "portable", "blas");
   // One path for the whole call: a mix pays both paths' fixed costs and two trips to the
-  // thread pool (sinusoid T=32: 160 us mixed, 135 us all BLAS).
+  // thread pool.
   const bool use_portable =
       path == CpuPath::kFirst ||
       (path == CpuPath::kAuto &&
@@ -363,8 +364,8 @@ std::vector<at::Tensor> unit_column_stride(at::TensorList xs) {
   return out;
 }
 
-KfacOutput kfac_factors_cpu(at::TensorList a, at::TensorList g, const c10::List<bool>& bias,
-                            c10::ArrayRef<double> a_scale, c10::ArrayRef<double> g_scale) {
+KfacFactorsOutput kfac_factors_cpu(at::TensorList a, at::TensorList g, const c10::List<bool>& bias,
+                                   c10::ArrayRef<double> a_scale, c10::ArrayRef<double> g_scale) {
   const std::vector<at::Tensor> a_unit = unit_column_stride(a);
   const std::vector<at::Tensor> g_unit = unit_column_stride(g);
   KfacPlan plan = plan_kfac_factors(a_unit, g_unit, bias, a_scale, g_scale);

@@ -1,5 +1,5 @@
 // CPU kernels of the kron_logdet reductions: parallel over (layer, task) with at::parallel_for,
-// each summing the shared per-pair terms (logdet_common.h) in double precision.
+// each summing the shared per-pair terms (kron_logdet_common.h) in double precision.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,8 +8,9 @@
 #include <tuple>
 #include <vector>
 
-#include "../logdet.h"
-#include "../logdet_common.h"
+#include "../kron_logdet.h"
+#include "../kron_logdet_common.h"
+#include "../llama_fast.h"
 
 namespace llama_fast {
 namespace {
@@ -76,7 +77,7 @@ std::vector<at::Tensor> weights(const std::vector<at::Tensor>& own,
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> kron_logdet_weights_cpu(
+KronLogdetWeightsOutput kron_logdet_weights_cpu(
     at::TensorList evals_A, at::TensorList evals_G, const at::Tensor& damping, double scale) {
   check_kron_eigs(evals_A, evals_G, damping);
   const auto eA = contiguous_all(evals_A), eG = contiguous_all(evals_G);

@@ -1,15 +1,15 @@
 // CPU kernel of sym_eig: batched symmetric eigendecomposition. Two paths:
-//  - "jacobi": the parallel-order Jacobi solver shared with the CUDA kernel (eig_common.h),
+//  - "jacobi": the parallel-order Jacobi solver shared with the CUDA kernel (sym_eig_common.h),
 //    its rounds run serially, parallel over matrices with at::parallel_for;
 //  - "lapack": LAPACK's syevd, called directly on each matrix (the ssyevd_/dsyevd_ that torch
 //    itself links), in place in the eigenvector buffer, in parallel over the batch with one
 //    workspace per thread. torch.linalg.eigh runs the same syevd one matrix after another
 //    (its own copies, info tensor and workspace per call); over matrices the 2 cores scale.
 //    Where the symbols are absent, ATen's linalg_eigh serves.
-// "auto" takes Jacobi up to d = 8, where LAPACK's fixed costs per call and per matrix dominate
-// (32 x [2x2]: 21 us vs 47 us for torch.linalg.eigh; 4 x [10x10]: Jacobi 96 us vs 61 us), and
-// LAPACK above. The Jacobi path keeps the GPU's arithmetic under test on the CPU at every size.
-// LLAMA_FAST_CPU_EIG=jacobi|lapack forces one path.
+// "auto" takes Jacobi up to d = 8, where LAPACK's fixed costs per call and per matrix dominate,
+// and LAPACK above. The Jacobi path keeps the GPU's arithmetic under test on the CPU at every
+// size. LLAMA_FAST_CPU_EIG=jacobi|lapack forces one path.
+// Timings of both paths: benchmarks/bench_eig.py, benchmarks/RESULTS.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,8 +23,8 @@
 #include <utility>
 #include <vector>
 
-#include "../eig.h"
-#include "../eig_common.h"
+#include "../sym_eig.h"
+#include "../sym_eig_common.h"
 #include "path_choice.h"
 
 // LAPACK's divide-and-conquer symmetric eigensolver, as torch declares it (LP64). Weak: bound
@@ -135,7 +135,7 @@ std::pair<int, int> syevd_workspace(int n) {
 }
 
 // syevd cost per matrix in flop-equivalents, roughly: the reduction, divide and conquer and
-// back-transformation (10 d^3), plus LAPACK's fixed cost per call (~3 us even at 9 wide).
+// back-transformation (10 d^3), plus LAPACK's fixed cost per call, which dominates small d.
 int64_t syevd_flops(int64_t d) { return 10 * d * d * d + 10000; }
 
 // Chunks below this many flops run inline: waking the thread pool costs more.
@@ -223,10 +223,9 @@ void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
   }
 }
 
-// Jacobi work per matrix in syevd_flops' units (~3.3 per ns): sweeps (~6) x rounds (d) x
-// pairs (d/2) x rotations (4d) x ~4 operations each; measured, a 5 x 5 matrix takes ~1.7 us.
-// (Counted as 12 d^3 before, 32 such matrices stayed on one thread: 59 us, level with
-// torch.linalg.eigh's 63.)
+// Jacobi work per matrix in syevd_flops' units: sweeps (~6) x rounds (d) x pairs (d/2) x
+// rotations (4d) x ~4 operations each. (Counted as 12 d^3, batches of small matrices stayed on
+// one thread.)
 int64_t jacobi_flops(int64_t d) { return 48 * d * d * d + 1; }
 
 template <typename T>
