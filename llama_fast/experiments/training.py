@@ -280,7 +280,7 @@ def train(trainer: Trainer, log: metrics.MetricsLog) -> None:
             if validating or checkpointing:
                 trainer.wait_for_main(f"rank 0's validation/checkpoint at iteration {it}")
             rate = tasks_done / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix({f"{n}loss_name": f"{s['meta_loss']:.3f}" for n, s in stats.items()}
+            bar.set_postfix({f"{n}_loss": f"{s['meta_loss']:.3f}" for n, s in stats.items()}
                             | {"tasks/s": f"{rate:.3g}"}, refresh=False)
             bar.update(1)
     if main:
