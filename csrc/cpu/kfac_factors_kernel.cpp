@@ -30,8 +30,10 @@ constexpr int64_t kMaxTile = 64;    // output tile edge, a multiple of kRN
 constexpr int64_t kRowChunk = 256;  // rows packed at once: two panels stay in L2
 
 // Output tile edge for a problem: the width split evenly into at most kMaxTile-wide tiles,
-// rounded up to the micro-tile, so that no tile is mostly padding.
+// rounded up to the micro-tile, so that no tile is mostly padding. A zero-width layer (an empty
+// factor, no tiles) gets the micro-tile edge rather than a division by zero tiles.
 int64_t tile_edge(const GramProblem& p) {
+  if (p.width() == 0) return kRN;
   const int64_t tiles = ceil_div(p.width(), kMaxTile);
   return ceil_div(ceil_div(p.width(), tiles), kRN) * kRN;
 }

@@ -208,6 +208,23 @@ def test_empty_rows_and_bad_settings(device):
         lf.kfac_factors([a, a], [g])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("zero", ["a", "g"])
+def test_zero_width_layers_give_empty_factors(device, cpu_path, zero, bias, rng):
+    """A layer with no inputs or no outputs has an empty factor (a [T, 1, 1] ones-only A with a
+    bias), as the reference gives it, on every CPU path: no crash (the portable path divided by
+    a zero tile count: SIGFPE)."""
+    if device.type == "cuda" and cpu_path != "auto":
+        pytest.skip("CPU path choice does not apply to CUDA")
+    a = randn(3, 5, 0 if zero == "a" else 2, generator=rng, device=device)
+    g = randn(3, 5, 0 if zero == "g" else 2, generator=rng, device=device)
+    A, G = lf.kfac_factors(a, g, bias=bias)
+    A_ref, G_ref = reference.kfac_factors(a, g, bias=bias)
+    assert A.shape == A_ref.shape and G.shape == G_ref.shape
+    torch.testing.assert_close(A, A_ref)
+    torch.testing.assert_close(G, G_ref)
+
+
 def test_check_finite(device):
     a, g = torch.randn(2, 5, 4, device=device), torch.randn(2, 5, 3, device=device)
     a[1, 2, 3] = float("nan")
