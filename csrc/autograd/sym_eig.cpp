@@ -34,6 +34,10 @@ struct SymEigFunction : public torch::autograd::Function<SymEigFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& M) {
     auto [evals, evecs, info] = call_below_autograd(sym_eig, M);
     ctx->mark_non_differentiable({info});
+    // An output nobody differentiated keeps an undefined gradient instead of zeros: zeros for
+    // the eigenvectors would enter 0 / (w_j - w_i), NaN at repeated eigenvalues, even when only
+    // the eigenvalues are used (torch.linalg.eigh is finite there).
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({evals, evecs});
     return {evals, evecs, info};
   }

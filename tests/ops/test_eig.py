@@ -189,6 +189,27 @@ def test_gradient_matches_torch_eigh(device, rng):
     torch.testing.assert_close(X1.grad, X2.grad)
 
 
+@pytest.mark.parametrize("spectrum", [[0.0, 0.0, 0.0], [1.0, 1.0, 2.0], [1.0, 1.0, 1.0],
+                                      [0.5, 3.0, 3.0, 3.0, 7.0]])
+def test_eigenvalue_gradient_is_finite_at_repeated_eigenvalues(device, cpu_eig, spectrum, rng):
+    """Only the eigenvalues used: the eigenvector gradient is absent, not zeros divided by a zero
+    gap, so the gradient is finite at exactly repeated eigenvalues (the zero matrix, the
+    identity, diag(1, 1, 2), a rotated spectrum with a triple value), as torch.linalg.eigh's is.
+    With weights 1 the gradient of sum(w) = trace(M) is the identity whatever the basis."""
+    d = len(spectrum)
+    M = torch.diag(torch.tensor(spectrum, dtype=torch.float64))
+    if d > 3:
+        Q = random_orthogonal(d, rng)
+        M = Q @ M @ Q.T
+    weights = torch.randn(d, generator=rng, dtype=torch.float64).to(device)
+    x = M.to(device).clone().requires_grad_()
+    (lf.sym_eig(x)[0] * weights).sum().backward()
+    assert bool(torch.isfinite(x.grad).all()), x.grad
+    x = M.to(device).clone().requires_grad_()
+    lf.sym_eig(x)[0].sum().backward()
+    torch.testing.assert_close(x.grad, torch.eye(d, dtype=torch.float64, device=device))
+
+
 def test_opcheck(device, rng):
     M = with_spectrum(spectrum("spd", 6, rng), rng).expand(2, 6, 6).contiguous().to(device)
     opcheck(torch.ops.llama_fast.sym_eig.default, (M.float(),))
