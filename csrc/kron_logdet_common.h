@@ -16,7 +16,7 @@ namespace llama_fast {
 
 template <typename T>
 LF_HOST_DEVICE T clamp_eigenvalue(T x) {
-  return x > T(0) ? x : T(0);
+  return x > T(0) ? x : (x == x ? T(0) : x);  // NaN stays NaN: no plausible log-det from it
 }
 
 // The two reductions over all (p, q) pairs of one layer of one task.

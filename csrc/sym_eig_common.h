@@ -36,6 +36,32 @@ LF_HOST_DEVICE bool jacobi_converged(T off_sq, T norm_sq, int64_t d) {
 
 LF_HOST_DEVICE int64_t jacobi_even(int64_t d) { return d + (d & 1); }
 
+// max(a, b) of two magnitudes that keeps a NaN: a matrix holding one has no eigenvalues.
+template <typename T>
+LF_HOST_DEVICE T nan_max(T a, T b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return a > b ? a : b;
+}
+
+// The running largest |entry| of a matrix, NaN once any entry is NaN.
+template <typename T>
+LF_HOST_DEVICE T max_abs_step(T running, T x) {
+  return nan_max(running, static_cast<T>(fabs(x)));
+}
+
+// LAPACK-style scaling (xSYEV scales its input into range the same way): the sweeps run on
+// M * 2^-e, e the binary exponent of M's largest |entry|, so the sums of squares of the
+// convergence test neither underflow to 0 nor overflow to inf at any scale of M (unscaled,
+// a 1e-25 float32 matrix looked converged before its first rotation). A power of two scales
+// exactly: every rotation, and so every result, is the unscaled run's times 2^e.
+template <typename T>
+LF_HOST_DEVICE int jacobi_exponent(T max_abs) {
+  int e = 0;
+  if (max_abs > T(0)) frexp(max_abs, &e);
+  return e;
+}
+
 // Pair k (0 <= k < n/2) of round r (0 <= r < n-1) of the round-robin tournament on n
 // (even) players: player n-1 stays, the others rotate. Indices >= d are padding (skipped).
 LF_HOST_DEVICE void jacobi_pair(int64_t round, int64_t k, int64_t n, int64_t& p, int64_t& q) {

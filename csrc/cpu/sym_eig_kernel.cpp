@@ -74,8 +74,17 @@ void jacobi_round(T* A, T* V, int64_t d, int64_t n, int64_t round, JacobiRound<T
 // stored column-major (LAPACK's layout, that of every CPU result).
 template <typename T>
 int jacobi_eig(const T* M, int64_t d, T* evals, T* evecs) {
+  T max_abs = 0;
+  for (int64_t e = 0; e < d * d; ++e) max_abs = max_abs_step(max_abs, M[e]);
+  if (!std::isfinite(max_abs)) {  // as LAPACK's path: NaN results and info 1
+    std::fill(evals, evals + d, std::numeric_limits<T>::quiet_NaN());
+    std::fill(evecs, evecs + d * d, std::numeric_limits<T>::quiet_NaN());
+    return 1;
+  }
+  const int shift = jacobi_exponent(max_abs);
   const int64_t n = jacobi_even(d);
-  std::vector<T> A(M, M + d * d), V(d * d, T(0)), rotations(2 * n);
+  std::vector<T> A(d * d), V(d * d, T(0)), rotations(2 * n);
+  for (int64_t e = 0; e < d * d; ++e) A[e] = std::ldexp(M[e], -shift);
   const JacobiRound<T> r{rotations.data(), rotations.data() + n / 2, rotations.data() + n,
                          rotations.data() + 3 * n / 2};
   for (int64_t i = 0; i < d; ++i) V[i * d + i] = T(1);
@@ -89,7 +98,7 @@ int jacobi_eig(const T* M, int64_t d, T* evals, T* evecs) {
   }
   for (int64_t i = 0; i < d; ++i) {
     const int64_t r = ascending_rank(A.data(), d, i);
-    evals[r] = A[i * d + i];
+    evals[r] = std::ldexp(A[i * d + i], shift);
     for (int64_t row = 0; row < d; ++row) evecs[r * d + row] = V[row * d + i];
   }
   return converged ? 0 : 1;
@@ -206,8 +215,7 @@ std::vector<int64_t> non_finite_rows(const at::Tensor& evals) {
 // LAPACK on the whole batch, then the shared Jacobi solver for every matrix LAPACK failed on:
 // syevd (MKL, float32) fails on some PSD matrices with many exact and near-zero eigenvalues
 // (K-FAC factors of dead ReLU units), either with an error or, worse, silently with NaN
-// eigenvalues (2 and 1 of 600 such sinusoid factors). Jacobi converges on them. A matrix
-// that is itself non-finite keeps NaN eigenvalues and info 1.
+// eigenvalues (2 and 1 of 600 such sinusoid factors). Jacobi converges on them.
 void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at::Tensor& info) {
   AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "sym_eig_lapack", [&] {
     if (have_syevd<scalar_t>())
@@ -215,11 +223,16 @@ void lapack_eig(const at::Tensor& flat, at::Tensor& evals, at::Tensor& evecs, at
     else
       linalg_eigh_batch(flat, evals, evecs);
   });
+  // A matrix holding a NaN or Inf anywhere has NaN eigenvalues and info 1: LAPACK reads one
+  // triangle only, and would return finite eigenvalues for a non-finite entry in the other.
+  int* info_ptr = info.data_ptr<int>();
+  for (const int64_t b : non_finite_rows(flat.reshape({flat.size(0), -1}))) {
+    evals[b].fill_(std::numeric_limits<double>::quiet_NaN());
+    evecs[b].fill_(std::numeric_limits<double>::quiet_NaN());
+    info_ptr[b] = 1;
+  }
   for (const int64_t b : non_finite_rows(evals)) {
-    if (at::isfinite(flat[b]).all().item<bool>())
-      jacobi_one(flat, evals, evecs, info, b);
-    else
-      info.data_ptr<int>()[b] = 1;
+    if (info_ptr[b] == 0) jacobi_one(flat, evals, evecs, info, b);
   }
 }
 

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../sym_eig.h"
 #include "../sym_eig_common.h"
 #include "block_reduce.cuh"
@@ -66,8 +68,20 @@ __global__ void __launch_bounds__(kThreads)
   T* rotations = in_shared ? smem + 2 * d * d : smem;
   const JacobiRound<T> r{rotations, rotations + n / 2, rotations + n, rotations + 3 * n / 2};
 
+  T local_max = 0;
+  for (int64_t e = threadIdx.x; e < d * d; e += kThreads)
+    local_max = max_abs_step(local_max, M[b * d * d + e]);
+  const T max_abs = block_reduce<kThreads>(local_max, [](T a, T c) { return nan_max(a, c); });
+  if (!isfinite(max_abs)) {  // the same value in every thread: the whole block leaves here
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    for (int64_t e = threadIdx.x; e < d; e += kThreads) evals[b * d + e] = nan;
+    for (int64_t e = threadIdx.x; e < d * d; e += kThreads) evecs[b * d * d + e] = nan;
+    if (threadIdx.x == 0) info[b] = 1;
+    return;
+  }
+  const int shift = jacobi_exponent(max_abs);  // sym_eig_common.h: the sweeps run on M * 2^-shift
   for (int64_t e = threadIdx.x; e < d * d; e += kThreads) {
-    A[e] = M[b * d * d + e];
+    A[e] = ldexp(M[b * d * d + e], -shift);
     V[e] = (e / d == e % d) ? T(1) : T(0);
   }
   __syncthreads();
@@ -80,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = threadIdx.x; i < d; i += kThreads) {
     const int64_t r = ascending_rank(A, d, i);
-    evals[b * d + r] = A[i * d + i];
+    evals[b * d + r] = ldexp(A[i * d + i], shift);
     for (int64_t row = 0; row < d; ++row) evecs[b * d * d + row * d + r] = V[row * d + i];
   }
   if (threadIdx.x == 0) info[b] = converged ? 0 : 1;

@@ -210,6 +210,47 @@ def test_eigenvalue_gradient_is_finite_at_repeated_eigenvalues(device, cpu_eig, 
     torch.testing.assert_close(x.grad, torch.eye(d, dtype=torch.float64, device=device))
 
 
+SCALES = {torch.float32: [1e-30, 1e-22, 1e-10, 1.0, 1e10, 1e19, 1e30],
+          torch.float64: [1e-300, 1e-160, 1e-50, 1.0, 1e50, 1e155, 1e300]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [2, 5, 8, 16])
+def test_eigenvalues_at_every_scale(device, cpu_eig, d, dtype, rng):
+    """Uniformly tiny or huge matrices (float32 1e-30..1e30, float64 1e-300..1e300) with random,
+    repeated and clustered spectra: eigenvalues within tol * ||M|| of float64 LAPACK's, and
+    info 0. Unscaled, the Jacobi convergence test's sums of squares underflowed or overflowed
+    and no rotation ran (34-78% of ||M|| off for float32 below ~1e-22)."""
+    base = [torch.randn(d, generator=rng, dtype=torch.float64),
+            torch.tensor([1.0, 1.0, -2.0, 3.0] * d, dtype=torch.float64)[:d],
+            1.0 + 1e-4 * torch.randn(d, generator=rng, dtype=torch.float64)]
+    for spectrum in base:
+        M1 = with_spectrum(spectrum, rng)
+        for scale in SCALES[dtype]:
+            M = (M1 * scale).to(dtype)
+            M = (0.5 * (M + M.transpose(-1, -2))).to(device)
+            evals, _, info = torch.ops.llama_fast.sym_eig(M)
+            exact = torch.linalg.eigvalsh(M.double().cpu())
+            norm = torch.linalg.matrix_norm(M.double().cpu(), ord=2).item()
+            err = (evals.double().cpu() - exact).abs().max().item()
+            assert int(info) == 0 and err <= 4 * TOL[dtype] * norm, (scale, err / norm, rng.initial_seed())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("d", [3, 8, 20])
+def test_non_finite_matrix_gives_nan_and_info(device, cpu_eig, d, bad, rng):
+    """One NaN or inf entry: that matrix's eigenvalues are NaN with info 1 (as LAPACK's info),
+    the other matrices of the batch are unaffected, on the Jacobi and LAPACK paths alike."""
+    M = torch.stack([with_spectrum(torch.rand(d, generator=rng, dtype=torch.float64) + 0.1, rng)
+                     for _ in range(2)]).float()
+    M[1, 0, d - 1] = bad
+    M[1, d - 1, 0] = bad
+    evals, evecs, info = torch.ops.llama_fast.sym_eig(M.to(device))
+    assert info.tolist() == [0, 1]
+    assert bool(torch.isnan(evals[1]).all()) and bool(torch.isfinite(evals[0]).all())
+    torch.testing.assert_close(evals[0].cpu().double(), torch.linalg.eigvalsh(M[0].double()), rtol=0, atol=1e-5)
+
+
 def test_opcheck(device, rng):
     M = with_spectrum(spectrum("spd", 6, rng), rng).expand(2, 6, 6).contiguous().to(device)
     opcheck(torch.ops.llama_fast.sym_eig.default, (M.float(),))

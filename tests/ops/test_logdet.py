@@ -120,6 +120,25 @@ def test_negative_roundoff_eigenvalues_are_clamped(device):
     torch.testing.assert_close(ld.cpu(), expected.reshape(1).double())
 
 
+@pytest.mark.parametrize("which", ["A", "G"])
+@pytest.mark.parametrize("d", [4, 12])
+def test_non_finite_factor_gives_nan_logdet(device, which, d, rng):
+    """One NaN (or Inf) anywhere in a task's factor, on either side of the diagonal: that task's
+    log-det is NaN, not a plausible number from the other triangle or a NaN eigenvalue clamped
+    to 0; the other task's is unchanged. Small factors take the Jacobi path, larger LAPACK's."""
+    def spd(n):
+        X = torch.randn(2, n, n + 2, generator=rng, dtype=torch.float64)
+        return (X @ X.transpose(-1, -2)).to(device)
+    A, G = spd(d), spd(3)
+    clean = lf.kron_logdet(A, G, damping=1.0)
+    for bad, (i, j) in ((float("nan"), (1, 2)), (float("nan"), (2, 1)), (float("inf"), (0, 0))):
+        A2, G2 = A.clone(), G.clone()
+        (A2 if which == "A" else G2)[0, i, j] = bad
+        out = lf.kron_logdet(A2, G2, damping=1.0)
+        assert bool(torch.isnan(out[0])), (bad, i, j, out)
+        torch.testing.assert_close(out[1], clean[1])
+
+
 def test_opcheck(device, rng):
     A = [psd_factors(2, 3, 4, rng, device=device)]
     G = [psd_factors(2, 2, 4, rng, device=device)]
