@@ -23,6 +23,7 @@ from ..meta import distributed
 from .checkpoint import CheckpointError
 from .config import (ALGORITHMS, CHECKPOINT_FILE, CONFIG_FILE, DAMPING_OBJECTIVES, FIELD_CHECKS, FISHERS,
                      QUICKSTART, ConfigError, ExperimentConfig)
+from .runfolder import RunFolderBusy, locked_run_folder
 
 RUNNER = "llama_fast.experiments.run"
 
@@ -220,9 +221,14 @@ def _train_config(parser, args) -> ExperimentConfig:
 def cmd_train(args) -> int:
     config = _train_config(args.parser, args)
     runner = _runner()
-    if distributed.is_main_process():   # torchrun: rank 0 alone (the others read it on --resume)
-        config.save(Path(config.output) / CONFIG_FILE)
-    return _guarded(args.parser, runner.run, config)
+    if not distributed.is_main_process():   # torchrun: rank 0 alone writes and holds the folder
+        return _guarded(args.parser, runner.run, config)
+    try:
+        with locked_run_folder(config.output):
+            config.save(Path(config.output) / CONFIG_FILE)
+            return _guarded(args.parser, runner.run, config)
+    except RunFolderBusy as err:
+        args.parser.error(str(err))
 
 
 def cmd_eval(args) -> int:

@@ -11,6 +11,7 @@ import pytest
 
 from llama_fast.experiments import cli
 from llama_fast.experiments.config import ExperimentConfig
+from llama_fast.experiments.runfolder import locked_run_folder
 
 
 @pytest.fixture
@@ -129,6 +130,18 @@ def test_help_explains_every_flag(subcommand, capsys):
         assert flag in text
     parser = cli.build_parser()._subparsers._group_actions[0].choices[subcommand]
     assert all(action.help for action in parser._actions)
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, capsys, runner):
+    """While one run holds its output folder (its lock), a second `train` into the same folder
+    stops with a one-line error before writing anything, and the folder is free again after."""
+    out = tmp_path / "run"
+    with locked_run_folder(out):
+        code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(out)], capsys)
+        assert code == 2 and len(errors) == 1 and "is in use by another llama-fast run" in errors[0]
+        assert not runner and not list(out.iterdir())
+    assert cli.main(["train", "sinusoid", "--output", str(out)]) == 0
+    assert [kind for kind, _ in runner] == ["run"] and (out / "config.toml").is_file()
 
 
 # ----------------------------------------------------------------------------- eval

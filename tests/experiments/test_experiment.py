@@ -6,6 +6,9 @@ error paths are the ones users get.
 
 import json
 import math
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -73,6 +76,28 @@ def test_tiny_run_writes_every_output(tmp_path, capsys):
 
 def _parameters(out):
     return load_checkpoint(out / "checkpoint.pt")["models"]
+
+
+@pytest.mark.integration   # two processes training into one folder
+def test_two_runs_into_one_folder_the_second_is_refused(tmp_path, capsys):
+    """A second `llama-fast train` into the folder a running one writes stops with a one-line
+    error (exit 2); the first finishes normally with its own outputs."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "llama_fast", "train", "sinusoid", "--output", str(out),
+                              *TINY, "--iterations", "400", "--checkpoint-every", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "config.toml").exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert (out / "config.toml").exists(), first.communicate()[0]
+        with pytest.raises(SystemExit) as err:
+            train(out, "--iterations", "4")
+        assert err.value.code == 2 and "is in use by another llama-fast run" in capsys.readouterr().err
+    finally:
+        output = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, output
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 400
 
 
 @pytest.mark.integration   # a training run through the CLI
