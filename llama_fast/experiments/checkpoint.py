@@ -94,6 +94,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 # ----------------------------------------------------------------------------- RNG states
 
 
+def check_algorithms(state: dict, algorithms, path) -> None:
+    """A checkpoint can continue a run only with the algorithms it holds models for."""
+    held = list(state.get("models", {}))
+    missing = [name for name in algorithms if name not in held]
+    if missing:
+        raise CheckpointError(path, f"holds models for {', '.join(held) or 'no algorithm'}, not for "
+                                    f"{', '.join(missing)}: resume with --algorithm {','.join(held)}, "
+                                    "or train into a new --output")
+
+
 def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
     """Every random state a training loop draws from, in a weights_only-loadable dict.
 

@@ -20,7 +20,7 @@ import torch
 
 import llama_fast as lf
 from ..meta import distributed
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_algorithms, load_checkpoint
 from .config import (ALGORITHMS, CHECKPOINT_FILE, CONFIG_FILE, DAMPING_OBJECTIVES, FIELD_CHECKS, FISHERS,
                      QUICKSTART, ConfigError, ExperimentConfig)
 from .runfolder import RunFolderBusy, locked_run_folder
@@ -218,6 +218,13 @@ def _train_config(parser, args) -> ExperimentConfig:
     return config
 
 
+def _check_resumable(config: ExperimentConfig) -> None:
+    """The run's checkpoint loads and holds a model for every algorithm asked for (a
+    CheckpointError otherwise, before anything in the folder changes)."""
+    path = Path(config.output) / CHECKPOINT_FILE
+    check_algorithms(load_checkpoint(path), config.algorithm, path)
+
+
 def cmd_train(args) -> int:
     config = _train_config(args.parser, args)
     runner = _runner()
@@ -225,6 +232,8 @@ def cmd_train(args) -> int:
         return _guarded(args.parser, runner.run, config)
     try:
         with locked_run_folder(config.output):
+            if config.resume:   # config.toml changes only once the checkpoint is known to fit
+                _guarded(args.parser, _check_resumable, config)
             config.save(Path(config.output) / CONFIG_FILE)
             return _guarded(args.parser, runner.run, config)
     except RunFolderBusy as err:

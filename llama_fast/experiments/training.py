@@ -12,7 +12,8 @@ import torch
 from .. import meta
 from ..meta import distributed
 from . import data, metrics
-from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (CheckpointError, capture_rng_state, check_algorithms, load_checkpoint,
+                         restore_rng_state, save_checkpoint)
 from .config import CHECKPOINT_FILE, ExperimentConfig
 from .learners import VAL_RANK, VAL_TASKS, Tasks, build_learners, loss_name, task_batch
 from .selection import damping_message, select_damping
@@ -141,6 +142,7 @@ class Trainer:
         """Load a checkpoint to continue training: it must come from the same world size,
         since each rank continues its own task stream."""
         state = load_checkpoint(path)
+        check_algorithms(state, [l.name for l in self.learners], path)
         saved = int(state.get("world_size", 1))
         if saved != self.ctx.world_size:
             how = ("in one process (plain python or torchrun --nproc_per_node=1)" if saved == 1

@@ -154,6 +154,31 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.integration   # a training run through the CLI
+def test_a_failed_resume_leaves_the_run_folder_resumable(tmp_path, capsys):
+    """`--resume --algorithm maml,llama` on a LLAMA-only run is a one-line error naming what the
+    checkpoint holds, written before config.toml changes; a corrupt checkpoint likewise. A plain
+    --resume then still works."""
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2", "--algorithm", "llama") == 0
+    config = (out / "config.toml").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--output", str(out), "--resume", "--algorithm", "maml,llama", "--iterations", "4"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert err.value.code == 2 and len(errors) == 1
+    assert "holds models for llama, not for maml" in errors[0] and "--algorithm llama" in errors[0]
+    assert (out / "config.toml").read_bytes() == config
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--output", str(out), "--resume", "--iterations", "5"])
+    assert (out / "config.toml").read_bytes() == config
+    (out / "checkpoint.pt").write_bytes(checkpoint)
+    assert cli.main(["train", "--output", str(out), "--resume", "--iterations", "4"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 4
+
+
+@pytest.mark.integration   # a training run through the CLI
 def test_eval_reproduces_the_training_metrics(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out) == 0
