@@ -160,6 +160,9 @@ def _add_train_parser(sub) -> None:
                             "is the base config unless --config is given)")
     train.add_argument("--first-order", dest="first_order", action="store_true", default=argparse.SUPPRESS,
                        help="first-order meta-gradients (no backprop through the inner loop)")
+    train.add_argument("--force", action="store_true", default=False,
+                       help=f"write into an --output folder that holds files but is not a run (no "
+                            f"{CONFIG_FILE}); its metrics.csv, metrics.json and plots are replaced")
     _add_flags(train, TRAIN_FIELDS)
     train.set_defaults(run=cmd_train, parser=train)
 
@@ -179,7 +182,7 @@ def _add_eval_parser(sub) -> None:
     evaluate.set_defaults(run=cmd_eval, parser=evaluate)
 
 
-_NOT_CONFIG = {"command", "run", "parser", "config", "run_dir"}
+_NOT_CONFIG = {"command", "run", "parser", "config", "run_dir", "force"}
 
 
 def _overrides(args) -> dict:
@@ -193,6 +196,12 @@ def _build_config(parser, toml_path, overrides) -> ExperimentConfig:
     except ConfigError as err:
         parser.error(str(err))
     return config
+
+
+def _holds_other_files(folder: Path) -> bool:
+    """An existing, non-empty folder that no run wrote (no config.toml): training into it would
+    replace whatever metrics.csv, metrics.json or plots it holds."""
+    return folder.is_dir() and not (folder / CONFIG_FILE).exists() and any(folder.iterdir())
 
 
 def _train_config(parser, args) -> ExperimentConfig:
@@ -211,6 +220,9 @@ def _train_config(parser, args) -> ExperimentConfig:
     if not config.resume and checkpoint.exists():
         parser.error(f"{config.output} already holds {CHECKPOINT_FILE}; pass --resume to continue it "
                      "or choose another --output")
+    if not config.resume and not getattr(args, "force", False) and _holds_other_files(Path(config.output)):
+        parser.error(f"{config.output} holds files but is not a llama-fast run (no {CONFIG_FILE}); "
+                     "choose another --output, or pass --force to write into it")
     world_size = distributed.launched_world_size()
     if config.meta_batch < world_size:
         parser.error(f"--meta-batch {config.meta_batch} cannot give each of the {world_size} "

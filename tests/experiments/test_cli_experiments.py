@@ -10,6 +10,7 @@ import types
 import pytest
 
 from llama_fast.experiments import cli
+from llama_fast.experiments.checkpoint import save_checkpoint
 from llama_fast.experiments.config import ExperimentConfig
 from llama_fast.experiments.runfolder import locked_run_folder
 
@@ -82,6 +83,7 @@ TRAIN_BAD = {  # flag: (the arguments after "train", the expected error)
     "--config": (["sinusoid", "--config", "/nonexistent/exp.toml"], "does not exist"),
     "--resume": (["sinusoid", "--resume"], "--resume needs --output"),
     "--first-order": (["sinusoid", "--first-order=yes"], "ignored explicit argument 'yes'"),
+    "--force": (["sinusoid", "--force=yes"], "ignored explicit argument 'yes'"),
 }
 
 
@@ -112,7 +114,8 @@ def test_resume_rules(tmp_path, capsys, runner):
     assert cli.main(["train", "sinusoid", "--output", str(out), "--iterations", "50"]) == 0
     code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(out), "--resume"], capsys)
     assert code == 2 and "no checkpoint.pt" in errors[0]
-    (out / "checkpoint.pt").write_bytes(b"")
+    # A checkpoint of both learners (--resume loads it and checks its algorithms first).
+    save_checkpoint(out / "checkpoint.pt", {"models": {"maml": {}, "llama": {}}})
     code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(out)], capsys)
     assert code == 2 and "already holds checkpoint.pt" in errors[0]
     assert cli.main(["train", "--output", str(out), "--resume", "--samples", "3"]) == 0
@@ -130,6 +133,23 @@ def test_help_explains_every_flag(subcommand, capsys):
         assert flag in text
     parser = cli.build_parser()._subparsers._group_actions[0].choices[subcommand]
     assert all(action.help for action in parser._actions)
+
+
+def test_a_folder_that_is_not_a_run_is_refused_without_force(tmp_path, capsys, runner):
+    """--output at an existing folder holding files that no run wrote (no config.toml) would
+    replace the user's metrics.csv, metrics.json or plots: refused, nothing written, unless
+    --force; an empty folder and a run folder are fine."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.csv").write_text("my own numbers\n")
+    code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(out)], capsys)
+    assert code == 2 and len(errors) == 1 and "not a llama-fast run" in errors[0] and "--force" in errors[0]
+    assert not runner and sorted(p.name for p in out.iterdir()) == ["metrics.csv"]
+    assert cli.main(["train", "sinusoid", "--output", str(out), "--force"]) == 0
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["train", "sinusoid", "--output", str(tmp_path / "empty")]) == 0
+    assert cli.main(["train", "sinusoid", "--output", str(out)]) == 0   # a run folder now
+    assert [kind for kind, _ in runner] == ["run"] * 3
 
 
 def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, capsys, runner):
