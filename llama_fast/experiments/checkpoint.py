@@ -32,6 +32,11 @@ class CheckpointError(ValueError):
         self.path, self.reason = Path(path), reason
 
 
+class TrainingDiverged(RuntimeError):
+    """Meta-training stopped after consecutive non-finite steps; the last checkpoint is kept
+    as it was (a skipped step changes no weights, and nothing is written on the way out)."""
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + os.replace)."""
     path = Path(path)

@@ -20,7 +20,7 @@ import torch
 
 import llama_fast as lf
 from ..meta import distributed
-from .checkpoint import CheckpointError, check_algorithms, load_checkpoint
+from .checkpoint import CheckpointError, TrainingDiverged, check_algorithms, load_checkpoint
 from .config import (ALGORITHMS, CHECKPOINT_FILE, CONFIG_FILE, DAMPING_OBJECTIVES, FIELD_CHECKS, FISHERS,
                      QUICKSTART, ConfigError, ExperimentConfig)
 from .runfolder import RunFolderBusy, locked_run_folder
@@ -272,13 +272,18 @@ def cmd_eval(args) -> int:
 
 def _guarded(parser, function, config) -> int:
     """Run the experiment; an unreadable checkpoint is a one-line error with exit code 2 (the
-    same as any other bad input), not a traceback."""
+    same as any other bad input), training stopped on non-finite steps one with exit code 1,
+    not a traceback."""
     try:
         return function(config) or 0
     except CheckpointError as err:
         if not distributed.is_main_process():
             raise SystemExit(2) from None   # torchrun: every rank fails alike, rank 0 says why
         parser.error(str(err))
+    except TrainingDiverged as err:   # not bad input: exit code 1, still one line
+        if not distributed.is_main_process():
+            raise SystemExit(1) from None
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
 def _runner():

@@ -100,9 +100,12 @@ def gaussian_interval_coverage(target, mean, std, levels=INTERVAL_LEVELS) -> dic
     _check_levels(levels)
     target, mean, std = (t.double() for t in torch.broadcast_tensors(target, mean, std))
     coverage = {}
+    defined = torch.isfinite(target - mean) & torch.isfinite(std)
     for level in levels:
         half_width = NormalDist().inv_cdf(0.5 + level / 2) * std
-        coverage[level] = ((target - mean).abs() <= half_width).double().mean().item()
+        inside = ((target - mean).abs() <= half_width).double()
+        # A NaN prediction covers nothing and misses nothing: the coverage is undefined (NaN).
+        coverage[level] = inside.masked_fill(~defined, float("nan")).mean().item()
     return coverage
 
 
@@ -122,6 +125,18 @@ def sample_interval_coverage(target, samples, levels=INTERVAL_LEVELS) -> dict[fl
         low, high = torch.quantile(samples, q, dim=0)
         coverage[level] = ((low <= target) & (target <= high)).double().mean().item()
     return coverage
+
+
+def strict_json(value):
+    """``value`` with every NaN or infinite float replaced by None, so that ``json.dumps`` writes
+    strict JSON (``null``), not the bare ``NaN`` other parsers reject."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def mean_ci95(values) -> tuple[float, float]:

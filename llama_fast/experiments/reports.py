@@ -116,7 +116,7 @@ def sinusoid_figure(trainer, path, tasks=4, shots=10, points=200) -> Path:
 def report(trainer, evaluation, wall_s) -> dict:
     """Write metrics.json and the plots, print the table; returns metrics.json's content."""
     out = summary(trainer, evaluation, wall_s)
-    (trainer.out / METRICS_JSON).write_text(json.dumps(out, indent=2) + "\n")
+    (trainer.out / METRICS_JSON).write_text(json.dumps(metrics.strict_json(out), indent=2, allow_nan=False) + "\n")
     paths = write_plots(trainer, evaluation.probs)
     print(f"\n{trainer.config.task}: {trainer.iteration} iterations, held-out tasks: {trainer.config.eval_tasks}, "
           f"{damping_note(trainer)}")

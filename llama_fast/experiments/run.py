@@ -109,7 +109,7 @@ def evaluate(config: ExperimentConfig) -> int:
         trainer.choose_eval_damping()
     evaluation = evaluate_trainer(trainer)
     out = summary(trainer, evaluation, time.perf_counter() - start)
-    (trainer.out / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
+    (trainer.out / "eval.json").write_text(json.dumps(metrics.strict_json(out), indent=2, allow_nan=False) + "\n")
     print(f"{config.task}: checkpoint at iteration {trainer.iteration}, {damping_note(trainer)}")
     print(table(evaluation.results))
     if "oneshot_runs_skipped" in evaluation.results:

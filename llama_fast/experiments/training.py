@@ -12,13 +12,14 @@ import torch
 from .. import meta
 from ..meta import distributed
 from . import data, metrics
-from .checkpoint import (CheckpointError, capture_rng_state, check_algorithms, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
+from .checkpoint import (CheckpointError, TrainingDiverged, capture_rng_state, check_algorithms,
+                         load_checkpoint, restore_rng_state, save_checkpoint)
 from .config import CHECKPOINT_FILE, ExperimentConfig
 from .learners import VAL_RANK, VAL_TASKS, Tasks, build_learners, loss_name, task_batch
 from .selection import damping_message, select_damping
 
 INITIAL_DAMPING = 1.0        # delta of LLAMA's training log-det term under damping = "auto"
+NONFINITE_STEPS = 5          # consecutive skipped (non-finite) steps of a learner that stop a run
 
 
 def single_process(config) -> distributed.DistContext:
@@ -86,6 +87,10 @@ class Trainer:
         self.eval_damping = self.damping
         self.damping_curve = []
         self.damping_history = []
+        # Consecutive steps per learner whose meta-loss or meta-gradient was not finite (and so
+        # not applied), and the iteration of the last checkpoint written.
+        self.nonfinite_streak = {l.name: 0 for l in self.learners}
+        self.saved_iteration = None
 
     def _join_ranks(self) -> None:
         for learner in self.learners:   # identical starts (the seed already gives them; made sure)
@@ -151,10 +156,12 @@ class Trainer:
                                         f"{self.ctx.world_size} (each rank continues its own task stream): "
                                         f"resume it {how}, or train into a new --output")
         self.load_state_dict(state)
+        self.saved_iteration = self.iteration
 
     def save(self) -> None:
         """Write the checkpoint (rank 0). Distributed: a collective that gathers every rank's
         state first, so every rank must call it."""
+        self.saved_iteration = self.iteration
         if self.ctx.group is None:
             save_checkpoint(self.out / CHECKPOINT_FILE, self.state_dict())
             return
@@ -183,8 +190,21 @@ class Trainer:
                                  fisher=c.fisher, first_order=c.first_order,
                                  grad_sync=self.grad_syncs[learner.name])
             stats[learner.name] = _step_row(out, global_means=self.ctx.group is not None)
+            streak = self.nonfinite_streak[learner.name]
+            self.nonfinite_streak[learner.name] = streak + 1 if out.step_skipped else 0
         self.iteration += 1
         return stats
+
+    def check_finite(self) -> None:
+        """Stop once a learner's last NONFINITE_STEPS steps were all skipped (NaN or Inf)."""
+        for name, streak in self.nonfinite_streak.items():
+            if streak >= NONFINITE_STEPS:
+                last = (f"the checkpoint of iteration {self.saved_iteration} is intact"
+                        if self.saved_iteration is not None else "no checkpoint was written")
+                raise TrainingDiverged(
+                    f"iteration {self.iteration}: {name.upper()}'s meta-loss or meta-gradient was NaN "
+                    f"or Inf in {streak} consecutive steps (not applied); stopping, {last}. Lower "
+                    "--inner-lr or --meta-lr and train anew, or --resume")
 
     def validate(self) -> dict:
         """Query loss (and accuracy) on fixed meta-validation tasks; logs the auto delta."""
@@ -272,6 +292,7 @@ def train(trainer: Trainer, log: metrics.MetricsLog) -> None:
             if it % c.log_every == 0 or it == c.iterations:
                 for name, row in stats.items():
                     log.log(iteration=it, algorithm=name, **row)
+            trainer.check_finite()
             validating = bool(c.eval_every) and it % c.eval_every == 0
             if validating and main:
                 for name, row in trainer.validate().items():

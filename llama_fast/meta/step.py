@@ -245,6 +245,10 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
             Any object with ``start(result, local_tasks)``, ``abort()`` and ``finish(result)``
             serves.
 
+    A meta-loss or meta-gradient that is not finite (NaN or Inf) is not applied: the optimizer
+    step is skipped and the result says so (``step_skipped``, ``nonfinite_grads``); the
+    gradients stay in ``p.grad`` for inspection.
+
     Returns:
         :class:`MetaStepResult`.
     """
@@ -270,7 +274,21 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
             raise
         sync.finish(result)
     clock.lap("backward")
-    optimizer.step()
+    result.nonfinite_grads = _nonfinite_grads(model, result.meta_loss)
+    result.step_skipped = result.nonfinite_grads > 0
+    if not result.step_skipped:
+        optimizer.step()
     clock.lap("step")
     result.timings = clock.result()
     return result
+
+
+def _nonfinite_grads(model, meta_loss) -> int:
+    """How many parameter tensors got a NaN or Inf gradient (all of them when the meta-loss
+    itself is not finite), with one host sync. Under a GradientSync the gradients and the
+    meta-loss are the global ones, so every rank counts the same and skips alike."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flags = torch.stack([torch.isfinite(meta_loss).all()] + [torch.isfinite(g).all() for g in grads]).tolist()
+    if not flags[0]:
+        return max(len(grads), 1)
+    return flags[1:].count(False)

@@ -95,9 +95,13 @@ class MetaStepResult:
         global_means: set by meta_step: ``{"tasks": T, "meta_loss": ..., "query_loss": ...,
             "query_accuracy": ..., "logdet": ...}`` (0-dim float64 tensors, so that no value
             forces a host sync; accuracy and log-det only where computed), the means over the
-            whole meta-batch. With ``process_group`` these are
+            whole meta-batch. With a ``grad_sync`` these are
             all-reduced over the ranks (identical everywhere) and ``meta_loss`` is the global
             meta-loss, while the per-task tensors hold this rank's shard only.
+        step_skipped: True when the meta-loss or a meta-gradient was not finite, so meta_step
+            did not call ``optimizer.step()``.
+        nonfinite_grads: how many parameter tensors had a NaN or Inf gradient (all of them
+            when the meta-loss was not finite); 0 after an applied step.
     """
 
     meta_loss: torch.Tensor
@@ -106,6 +110,8 @@ class MetaStepResult:
     query_accuracy: torch.Tensor | None = None
     timings: dict | None = None
     global_means: dict | None = None
+    step_skipped: bool = False
+    nonfinite_grads: int = 0
 
 
 def local_means(result, tasks):

@@ -179,6 +179,23 @@ def test_a_failed_resume_leaves_the_run_folder_resumable(tmp_path, capsys):
 
 
 @pytest.mark.integration   # a training run through the CLI
+def test_a_diverging_run_stops_naming_the_iteration(tmp_path, capsys):
+    """--inner-lr 1e12 makes every meta-gradient non-finite: no such step is applied, and after
+    NONFINITE_STEPS of them the run stops with a one-line error (exit 1) naming the iteration;
+    the checkpoint written before holds finite weights."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        train(out, "--inner-lr", "1e12", "--iterations", "40", "--algorithm", "maml")
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert err.value.code == 1 and len(errors) == 1, errors
+    assert f"iteration {training.NONFINITE_STEPS}: MAML's meta-loss or meta-gradient was NaN" in errors[0]
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["iteration"] == 4
+    assert all(bool(torch.isfinite(t).all()) for t in state["models"]["maml"].values())
+
+
+@pytest.mark.integration   # a training run through the CLI
 def test_eval_reproduces_the_training_metrics(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out) == 0

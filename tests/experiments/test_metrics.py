@@ -156,3 +156,17 @@ def test_metrics_log_columns_and_resume(tmp_path):
     assert path.read_text() == "" and fresh.rows == []
     with pytest.raises(ValueError, match="iteration"):
         fresh.log(loss=1.0)
+
+
+def test_undefined_values_are_null_and_nan_not_zero():
+    """A NaN prediction makes the interval coverage NaN (not 0.000), and metrics.json's writer
+    turns NaN and inf into null: strict JSON that any parser reads."""
+    import json
+
+    target = torch.zeros(4)
+    mean = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    coverage = metrics.gaussian_interval_coverage(target, mean, torch.ones(4))
+    assert all(math.isnan(v) for v in coverage.values())
+    text = json.dumps(metrics.strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}}),
+                      allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": 2}}

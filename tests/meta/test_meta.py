@@ -386,6 +386,28 @@ def test_grouped_conv_is_rejected(rng):
         lf.meta.step.inspect_model(model)
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "llama"])
+def test_non_finite_steps_are_skipped_and_reported(algorithm, rng):
+    """One NaN support input makes the meta-loss and every gradient NaN: meta_step does not
+    apply the update (weights and Adam's state unchanged) and says so; a finite batch after it
+    steps normally."""
+    net = lf.models.mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.randn(3, 6, 1, generator=rng)
+    y = torch.randn(3, 6, 1, generator=rng)
+    extra = dict(eta=1e-3, damping=1.0) if algorithm == "llama" else {}
+    bad = x.clone()
+    bad[1, 2, 0] = float("nan")
+    before = [p.detach().clone() for p in net.parameters()]
+    out = lf.meta_step(net, lf.TaskBatch(bad, y, x, y), opt, algorithm=algorithm, loss="mse",
+                       inner_lr=0.01, **extra)
+    assert out.step_skipped and out.nonfinite_grads == len(before) and not bool(torch.isfinite(out.meta_loss))
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters())) and not opt.state
+    out = lf.meta_step(net, lf.TaskBatch(x, y, x, y), opt, algorithm=algorithm, loss="mse", inner_lr=0.01, **extra)
+    assert not out.step_skipped and out.nonfinite_grads == 0
+    assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
 def test_dropout_is_off_and_batchnorm_state_untouched(rng):
     """Dropout layers are identities inside meta_step (same gradients as without them), and
     the modules' train/eval flags and BatchNorm buffers come back unchanged."""
