@@ -120,6 +120,14 @@ def inspect_model(model: nn.Module) -> NetworkSpec:
                     raise ValueError(f"layer {name!r} (Conv2d) has padding_mode="
                                      f"{module.padding_mode!r}; K-FAC supports 'zeros' only")
                 _conv_padding(module, name)
+            frozen = [p for p, param in module.named_parameters(recurse=False) if not param.requires_grad]
+            if frozen:
+                # Adapting them would change weights the user froze, and leaving them out would
+                # take part of the layer out of its K-FAC block: neither is silent.
+                raise ValueError(f"layer {name!r} ({type(module).__name__}) has frozen parameters "
+                                 f"{frozen} (requires_grad=False): llama_fast adapts every parameter "
+                                 "of a K-FAC layer and puts it in the curvature; unfreeze them, or "
+                                 "pass a model of the trainable part only")
             bias = prefix + "bias" if module.bias is not None else None
             layers.append(KfacLayer(name, module, prefix + "weight", bias))
             fast += [prefix + p for p in own]

@@ -386,6 +386,24 @@ def test_grouped_conv_is_rejected(rng):
         lf.meta.step.inspect_model(model)
 
 
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_frozen_kfac_parameters_are_an_error(frozen, rng):
+    """A K-FAC layer's parameter with requires_grad=False was adapted and entered the curvature
+    silently; meta_step and adapt now name it. Frozen BatchNorm parameters stay fine (they are
+    never adapted)."""
+    model = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1)).to(DT)
+    getattr(model[2], frozen).requires_grad_(False)
+    batch = sinusoid_batch(2, 3, 3, rng)
+    match = rf"layer '2' \(Linear\) has frozen parameters \['{frozen}'\]"
+    with pytest.raises(ValueError, match=match):
+        _step(model, batch, loss="mse")
+    with pytest.raises(ValueError, match=match):
+        lf.adapt(model, batch.support_x, batch.support_y, loss="mse", inner_lr=0.01, damping=1.0)
+    norm = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    norm[1].weight.requires_grad_(False)
+    assert lf.meta.step.inspect_model(norm).slow == ("1.weight", "1.bias")
+
+
 @pytest.mark.parametrize("algorithm", ["maml", "llama"])
 def test_non_finite_steps_are_skipped_and_reported(algorithm, rng):
     """One NaN support input makes the meta-loss and every gradient NaN: meta_step does not
