@@ -58,11 +58,16 @@ def rng(request):
 
 
 @pytest.fixture
-def one_thread():
-    """Torch on one thread for the test: float64 gradgradchecks of small tensors run thousands of
-    tiny ops, and on a busy 2-core machine each parallel region can wait for the other core
-    (20-100 s per case instead of 4 s)."""
+def restore_threads():
+    """Torch's thread count as it was before the test, whatever the test sets."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread(restore_threads):
+    """Torch on one thread for the test: float64 gradgradchecks of small tensors run thousands of
+    tiny ops, and on a busy 2-core machine each parallel region can wait for the other core
+    (20-100 s per case instead of 4 s); tiny training runs are faster there on one thread too."""
+    torch.set_num_threads(1)

@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -24,16 +23,8 @@ def test_readme_has_an_example_block():
     assert any(p.values[0].name == "README.md" for p in _blocks())
 
 
-@pytest.fixture
-def restore_threads():
-    """A block may set torch's thread count (the sinusoid examples use one thread, as the
-    sinusoid job does); the rest of the session keeps its own."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("path, code", list(_blocks()))
 def test_code_block_runs(path, code, tmp_path, monkeypatch, restore_threads):
+    # restore_threads: the sinusoid examples set one thread, as the sinusoid job does.
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(path), "exec"), {"__name__": "__main__"})

@@ -295,7 +295,7 @@ class GradientSync:
         self.group = group
         self.local = not _initialised()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # Read at call time, so that the module-level default can be changed (tests do).
+        # DEFAULT_BUCKET_BYTES is read when the sync is built, so that tests can change it.
         self.buckets = [] if self.local else _make_buckets(self.params, bucket_bytes or DEFAULT_BUCKET_BYTES)
         self.slot = {}
         for bucket in self.buckets:

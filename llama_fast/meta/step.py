@@ -255,24 +255,23 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     clock = _Clock(bool(timings), batch.device if isinstance(batch, TaskBatch) else torch.device("cpu"))
-    sync = grad_sync
     optimizer.zero_grad(set_to_none=True)
     meta_loss, result = meta_objective(
         model, batch, algorithm=algorithm, loss=loss, inner_lr=inner_lr, inner_steps=inner_steps,
         eta=eta, damping=damping, scale=scale, fisher=fisher, curvature_on=curvature_on,
         first_order=first_order, prior_term=prior_term, backend=backend, mc_samples=mc_samples,
         generator=generator, task_chunk=task_chunk, clock=clock)
-    if sync is None:
+    if grad_sync is None:
         meta_loss.backward()
         result.global_means = local_means(result, batch.tasks)
     else:
-        sync.start(result, batch.tasks)
+        grad_sync.start(result, batch.tasks)
         try:
             meta_loss.backward()
         except BaseException:
-            sync.abort()
+            grad_sync.abort()
             raise
-        sync.finish(result)
+        grad_sync.finish(result)
     clock.lap("backward")
     result.nonfinite_grads = _nonfinite_grads(model, result.meta_loss)
     result.step_skipped = result.nonfinite_grads > 0

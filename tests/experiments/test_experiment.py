@@ -30,12 +30,7 @@ TINY = ["--iterations", "6", "--meta-batch", "2", "--eval-tasks", "4", "--sample
         "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny workloads; far faster on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny workloads; far faster on a shared machine
 
 
 def train(out, *extra):
