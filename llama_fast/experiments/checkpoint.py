@@ -1,19 +1,30 @@
 """Training checkpoints: atomic writes, safe loads, and every RNG state a resumed run needs.
 
-A checkpoint is ``torch.save({"format": FORMAT, "version": VERSION, "state": state})``.
-It is written to a temporary file in the target's directory, fsynced and ``os.replace``d, so
-a run killed mid-write leaves the previous checkpoint intact. It is read with
-``torch.load(weights_only=True)`` (no arbitrary code from a checkpoint file), so ``state``
+A checkpoint is ``torch.save({"format": FORMAT, "version": VERSION, "sha256": digest,
+"state": state})``. It is written to a temporary file in the target's directory, fsynced and
+``os.replace``d, so a run killed mid-write leaves the previous checkpoint intact (and, at worst,
+an orphan ``.checkpoint.pt.*.tmp``, removed by the next run that locks the folder). It is read
+with ``torch.load(weights_only=True)`` (no arbitrary code from a checkpoint file), so ``state``
 must hold only tensors, numbers, strings, None and dicts/lists/tuples of them:
 ``capture_rng_state`` stores numpy's state as a tensor for that reason.
+
+``digest`` is a SHA-256 of ``state``'s content (every key, value, tensor dtype, shape and byte),
+recomputed on load: torch.load does not check the zip's CRCs, so without it one flipped bit in
+a tensor's bytes loads as a wrong weight. Hashing the loaded content rather than the file's
+bytes keeps the checksum inside the one file (no sidecar to fall out of step with it after a
+kill) and the file an ordinary torch file. Version-1 checkpoints (written before the checksum)
+still load, with a warning that they cannot be verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
+import struct
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -21,7 +32,8 @@ import numpy as np
 import torch
 
 FORMAT = "llama_fast.checkpoint"
-VERSION = 1
+VERSION = 2
+UNVERIFIED_VERSION = 1   # the format before the checksum: loaded with a warning
 
 
 class CheckpointError(ValueError):
@@ -41,7 +53,7 @@ def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, "state": state}
+    payload = {"format": FORMAT, "version": VERSION, "sha256": state_digest(state), "state": state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -69,6 +81,40 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def state_digest(state) -> str:
+    """SHA-256 of a checkpoint state's content: equal for a state and its save/load round
+    trip, different after any change to a key, a value, or a tensor's dtype, shape or bytes."""
+    digest = hashlib.sha256()
+    _hash_into(digest, state)
+    return digest.hexdigest()
+
+
+def _hash_into(digest, value) -> None:
+    # Every item is tagged with its type (and containers with their length), so that no two
+    # different states feed the same byte stream: [1, 2] differs from [[1], 2] and from (1, 2).
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(f"T{value.dtype}{tuple(value.shape)}:".encode())
+        digest.update(data.numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key, item in value.items():
+            _hash_into(digest, key)
+            _hash_into(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}:".encode())
+        for item in value:
+            _hash_into(digest, item)
+    elif isinstance(value, float):
+        digest.update(b"F" + struct.pack("<d", value))   # bit-exact, NaN and -0.0 included
+    elif value is None or isinstance(value, (bool, int, str, torch.dtype, torch.device)):
+        text = repr(value)
+        digest.update(f"{type(value).__name__}{len(text)}:{text}".encode())
+    else:
+        raise TypeError(f"a checkpoint state cannot hold a {type(value).__name__} (weights_only "
+                        "loads tensors, numbers, strings, None and dicts/lists/tuples of them)")
+
+
 # What torch.load raises on truncated, corrupt or non-torch files, and on pickles that
 # weights_only refuses (foreign classes): all become a one-line CheckpointError.
 _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
@@ -88,12 +134,34 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                                     f"or not a torch file): {type(err).__name__}: {first_line}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(path, f"a torch file but not a llama_fast checkpoint (no format tag {FORMAT!r})")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in (VERSION, UNVERIFIED_VERSION):
         raise CheckpointError(path, f"checkpoint version {payload.get('version')!r}; this llama_fast "
-                                    f"reads version {VERSION}")
+                                    f"reads versions {UNVERIFIED_VERSION} and {VERSION}")
     if not isinstance(payload.get("state"), dict):
         raise CheckpointError(path, "checkpoint has no state dict")
+    _verify(path, payload)
     return payload["state"]
+
+
+def _verify(path: Path, payload: dict) -> None:
+    """The state's content matches the checksum written with it (version 2)."""
+    if payload["version"] == UNVERIFIED_VERSION:
+        warnings.warn(f"{path}: a version-{UNVERIFIED_VERSION} checkpoint, written without a checksum: "
+                      "loaded unverified (the next checkpoint of the run is written with one)",
+                      stacklevel=3)
+        return
+    saved = payload.get("sha256")
+    if not isinstance(saved, str):
+        raise CheckpointError(path, "checkpoint has no checksum (sha256): corrupt or not written by "
+                                    "llama_fast")
+    try:
+        actual = state_digest(payload["state"])
+    except TypeError as err:
+        raise CheckpointError(path, f"corrupt checkpoint: {err}") from None
+    if actual != saved:
+        raise CheckpointError(path, f"corrupt checkpoint: its content does not match the checksum "
+                                    f"written with it (sha256 {actual[:12]}... instead of {saved[:12]}...); "
+                                    "restore it from a copy or train into a new --output")
 
 
 # ----------------------------------------------------------------------------- RNG states

@@ -11,6 +11,7 @@ joins the process group.
 """
 
 import argparse
+import functools
 import importlib
 import subprocess
 import sys
@@ -230,24 +231,28 @@ def _train_config(parser, args) -> ExperimentConfig:
     return config
 
 
-def _check_resumable(config: ExperimentConfig) -> None:
-    """The run's checkpoint loads and holds a model for every algorithm asked for (a
-    CheckpointError otherwise, before anything in the folder changes)."""
+def _resumable_state(config: ExperimentConfig) -> dict:
+    """The run's checkpoint, loaded (and verified) once, holding a model for every algorithm
+    asked for (a CheckpointError otherwise, before anything in the folder changes)."""
     path = Path(config.output) / CHECKPOINT_FILE
-    check_algorithms(load_checkpoint(path), config.algorithm, path)
+    state = load_checkpoint(path)
+    check_algorithms(state, config.algorithm, path)
+    return state
 
 
 def cmd_train(args) -> int:
     config = _train_config(args.parser, args)
     runner = _runner()
     if not distributed.is_main_process():   # torchrun: rank 0 alone writes and holds the folder
-        return _guarded(args.parser, runner.run, config)
+        return _guarded(args.parser, runner.run, config) or 0
     try:
         with locked_run_folder(config.output):
+            run = runner.run
             if config.resume:   # config.toml changes only once the checkpoint is known to fit
-                _guarded(args.parser, _check_resumable, config)
+                state = _guarded(args.parser, _resumable_state, config)
+                run = functools.partial(runner.run, checkpoint=state)   # not read a second time
             config.save(Path(config.output) / CONFIG_FILE)
-            return _guarded(args.parser, runner.run, config)
+            return _guarded(args.parser, run, config) or 0
     except RunFolderBusy as err:
         args.parser.error(str(err))
 
@@ -267,15 +272,15 @@ def cmd_eval(args) -> int:
         args.parser.error(f"no {CHECKPOINT_FILE} in {run_dir}; train first")
     overrides = {**_overrides(args), "output": str(run_dir), "resume": False}
     config = _build_config(args.parser, toml_path, overrides)
-    return _guarded(args.parser, _runner().evaluate, config)
+    return _guarded(args.parser, _runner().evaluate, config) or 0
 
 
-def _guarded(parser, function, config) -> int:
-    """Run the experiment; an unreadable checkpoint is a one-line error with exit code 2 (the
+def _guarded(parser, function, config):
+    """``function(config)``; an unreadable checkpoint is a one-line error with exit code 2 (the
     same as any other bad input), training stopped on non-finite steps one with exit code 1,
     not a traceback."""
     try:
-        return function(config) or 0
+        return function(config)
     except CheckpointError as err:
         if not distributed.is_main_process():
             raise SystemExit(2) from None   # torchrun: every rank fails alike, rank 0 says why

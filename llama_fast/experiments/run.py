@@ -62,22 +62,24 @@ def _set_threads(config: ExperimentConfig) -> None:
         torch.set_num_threads(1)
 
 
-def run(config: ExperimentConfig) -> int:
+def run(config: ExperimentConfig, checkpoint: dict | None = None) -> int:
     """`llama-fast train`: meta-train (or resume), evaluate, write metrics, plots, checkpoint.
-    Under torchrun, @record puts a failing rank's traceback into torchrun's summary."""
+    ``checkpoint``: the --resume state when the caller has already loaded it (read from
+    ``config.output`` otherwise). Under torchrun, @record puts a failing rank's traceback into
+    torchrun's summary."""
     _set_threads(config)
     if distributed.launched_world_size() > 1:
-        return distributed.record(_run)(config)
-    return _run(config)
+        return distributed.record(_run)(config, checkpoint)
+    return _run(config, checkpoint)
 
 
-def _run(config: ExperimentConfig) -> int:
+def _run(config: ExperimentConfig, checkpoint: dict | None) -> int:
     start = time.perf_counter()
     with _process_group(config) as ctx:
         trainer = Trainer(config, ctx)
         resume_from = None
         if config.resume:
-            trainer.resume(trainer.out / CHECKPOINT_FILE)
+            trainer.resume(trainer.out / CHECKPOINT_FILE, checkpoint)
             resume_from = trainer.iteration
             if ctx.is_main:
                 print(f"resuming {trainer.out} from iteration {resume_from}")

@@ -143,10 +143,11 @@ class Trainer:
             return state.get("rng")
         return ranks[self.ctx.rank]["rng"] if len(ranks) == self.ctx.world_size else None
 
-    def resume(self, path) -> None:
-        """Load a checkpoint to continue training: it must come from the same world size,
-        since each rank continues its own task stream."""
-        state = load_checkpoint(path)
+    def resume(self, path, state: dict | None = None) -> None:
+        """Load a checkpoint to continue training (``state``: the one at ``path``, already
+        loaded): it must come from the same world size, since each rank continues its own task
+        stream."""
+        state = load_checkpoint(path) if state is None else state
         check_algorithms(state, [l.name for l in self.learners], path)
         saved = int(state.get("world_size", 1))
         if saved != self.ctx.world_size:

@@ -11,6 +11,8 @@ from llama_fast.experiments import checkpoint as ckpt
 from llama_fast.experiments.checkpoint import CheckpointError
 from llama_fast.experiments.data import SinusoidTasks
 
+from corrupt import flip_bit_in_tensor_bytes   # tests/helpers
+
 
 def test_round_trip_and_overwrite(tmp_path):
     model = torch.nn.Linear(3, 2)
@@ -173,3 +175,56 @@ def test_resumed_run_matches_uninterrupted_bit_exactly(tmp_path):
     # Control: without the RNG states the continuation differs, so the test can fail.
     unrestored = _resumed(tmp_path, total=12, stop_at=5, restore_rng=False)
     assert not all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), unrestored.parameters()))
+
+
+# ----------------------------------------------------------------------------- checksum
+
+
+def test_a_flipped_bit_in_a_tensor_is_a_clear_error(tmp_path):
+    weight = torch.randn(64, 64)
+    path = ckpt.save_checkpoint(tmp_path / "checkpoint.pt", {"models": {"w": weight}, "iteration": 3})
+    flip_bit_in_tensor_bytes(path)
+    # Without the checksum this loads: the flipped bit changes one weight, silently.
+    payload = torch.load(path, weights_only=True)
+    assert not torch.equal(payload["state"]["models"]["w"], weight)
+    error = _assert_clean_error(path, "corrupt checkpoint: its content does not match the checksum")
+    assert "sha256" in str(error)
+
+
+def test_the_checksum_covers_every_kind_of_value(tmp_path):
+    """Changing any one value of a state, however small, changes its digest; a round trip through
+    the file does not (so a real training state, optimizer and RNG included, verifies)."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {"models": {"llama": model.state_dict()}, "optimizers": {"llama": optimizer.state_dict()},
+             "rng": ckpt.capture_rng_state({"tasks": torch.Generator().manual_seed(1)}),
+             "iteration": 7, "damping": 0.5, "flag": True, "none": None, "pair": (1, 2.0)}
+    path = ckpt.save_checkpoint(tmp_path / "checkpoint.pt", state)
+    assert ckpt.state_digest(ckpt.load_checkpoint(path)) == ckpt.state_digest(state)
+    base = ckpt.state_digest({"a": [1, 2], "b": torch.zeros(2), "c": 0.5})
+    for changed in ({"a": [1, 3], "b": torch.zeros(2), "c": 0.5}, {"a": (1, 2), "b": torch.zeros(2), "c": 0.5},
+                    {"a": [1, 2], "b": torch.zeros(2, 1), "c": 0.5},
+                    {"a": [1, 2], "b": torch.zeros(2, dtype=torch.float64), "c": 0.5},
+                    {"a": [1, 2], "b": torch.tensor([0.0, -0.0]), "c": 0.5},
+                    {"a": [1, 2], "b": torch.zeros(2), "c": 0.5000000000000001},
+                    {"a": [[1], 2], "b": torch.zeros(2), "c": 0.5}, {"a": [1, 2], "B": torch.zeros(2), "c": 0.5}):
+        assert ckpt.state_digest(changed) != base, changed
+
+
+def test_a_checkpoint_without_its_checksum_is_refused(tmp_path):
+    torch.save({"format": ckpt.FORMAT, "version": ckpt.VERSION, "state": {"iteration": 1}}, tmp_path / "bare.pt")
+    _assert_clean_error(tmp_path / "bare.pt", "no checksum")
+    torch.save({"format": ckpt.FORMAT, "version": ckpt.VERSION, "sha256": "0" * 64, "state": {"iteration": 1}},
+               tmp_path / "wrong.pt")
+    _assert_clean_error(tmp_path / "wrong.pt", "does not match the checksum")
+
+
+def test_a_version_1_checkpoint_loads_with_a_warning(tmp_path):
+    """Checkpoints written before the checksum (version 1) still resume, unverified, and say so."""
+    state = {"iteration": 4, "w": torch.ones(3)}
+    torch.save({"format": ckpt.FORMAT, "version": 1, "state": state}, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="without a checksum: loaded unverified"):
+        loaded = ckpt.load_checkpoint(tmp_path / "old.pt")
+    assert loaded["iteration"] == 4 and torch.equal(loaded["w"], state["w"])

@@ -15,11 +15,22 @@ from llama_fast.experiments.config import ExperimentConfig
 from llama_fast.experiments.runfolder import locked_run_folder
 
 
+class Calls(list):
+    """The runner calls, ("run" | "evaluate", config); ``checkpoints``: the state each run got."""
+    checkpoints: list
+
+
 @pytest.fixture
 def runner(monkeypatch):
-    calls = []
+    calls = Calls()
+    calls.checkpoints = []
     fake = types.ModuleType("llama_fast.experiments.run")
-    fake.run = lambda config: calls.append(("run", config))
+
+    def run(config, checkpoint=None):
+        calls.append(("run", config))
+        calls.checkpoints.append(checkpoint)
+
+    fake.run = run
     fake.evaluate = lambda config: calls.append(("evaluate", config))
     monkeypatch.setitem(sys.modules, "llama_fast.experiments.run", fake)
     return calls
@@ -121,6 +132,8 @@ def test_resume_rules(tmp_path, capsys, runner):
     assert cli.main(["train", "--output", str(out), "--resume", "--samples", "3"]) == 0
     resumed = runner[-1][1]
     assert resumed.resume and resumed.iterations == 50 and resumed.samples == 3  # base: the run's config
+    assert runner.checkpoints[-1] == {"models": {"maml": {}, "llama": {}}}   # loaded once, handed over
+
 
 
 @pytest.mark.parametrize("subcommand", ["train", "eval"])

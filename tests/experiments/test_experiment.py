@@ -19,6 +19,8 @@ import llama_fast as lf
 from llama_fast.experiments import cli, selection, training
 from llama_fast.experiments.checkpoint import load_checkpoint
 
+from corrupt import flip_bit_in_tensor_bytes   # tests/helpers
+
 REPO = Path(__file__).resolve().parents[2]
 OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 SMALL = ("images_background_small1.zip", "images_background_small2.zip")
@@ -146,6 +148,35 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert err.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "checkpoint.pt" in errors[0] and "not a readable checkpoint" in errors[0]
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_a_flipped_bit_in_the_checkpoint_stops_resume(tmp_path, capsys):
+    """One flipped bit in a weight's bytes (torch.load alone would load it): --resume is a
+    one-line error naming the checksum, and the run folder is left exactly as it was."""
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    flip_bit_in_tensor_bytes(out / "checkpoint.pt", record="data/3")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--output", str(out), "--resume", "--iterations", "4"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert err.value.code == 2 and len(errors) == 1
+    assert "checkpoint.pt: corrupt checkpoint" in errors[0] and "checksum" in errors[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    """The CLI's check of a --resume checkpoint and the run share one load (and checksum)."""
+    out = tmp_path / "run"
+    assert train(out, "--iterations", "2") == 0
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(f) or real_load(f, *a, **k))
+    assert cli.main(["train", "--output", str(out), "--resume", "--iterations", "3"]) == 0
+    assert [Path(f) for f in loads if Path(f).name == "checkpoint.pt"] == [out / "checkpoint.pt"]
 
 
 @pytest.mark.integration   # a training run through the CLI
