@@ -24,7 +24,7 @@ from ..meta import distributed
 from .checkpoint import CheckpointError, TrainingDiverged, check_algorithms, load_checkpoint
 from .config import (ALGORITHMS, CHECKPOINT_FILE, CONFIG_FILE, DAMPING_OBJECTIVES, FIELD_CHECKS, FISHERS,
                      QUICKSTART, ConfigError, ExperimentConfig)
-from .runfolder import RunFolderBusy, locked_run_folder
+from .runfolder import RunFolderBusy, RunFolderUnusable, locked_run_folder
 
 RUNNER = "llama_fast.experiments.run"
 
@@ -255,6 +255,8 @@ def cmd_train(args) -> int:
             return _guarded(args.parser, run, config) or 0
     except RunFolderBusy as err:
         args.parser.error(str(err))
+    except RunFolderUnusable as err:
+        args.parser.error(f"--output {err}")
 
 
 def cmd_eval(args) -> int:

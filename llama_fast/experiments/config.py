@@ -192,12 +192,19 @@ def _check_choice(name, value, choices):
     return value
 
 
+# TOML integers (config.toml) and torch's seeds are 64-bit: a larger value could not be written
+# back, or would overflow in torch.manual_seed.
+INT_MAX = 2**63 - 1
+
+
 def _check_int(minimum):
     def check(name, value):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name}: must be an integer, got {value!r}")
         if value < minimum:
             raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+        if value > INT_MAX:
+            raise ConfigError(f"{name}: must be <= {INT_MAX} (a 64-bit integer), got {value}")
         return value
     return check
 

@@ -4,6 +4,7 @@ The runner (`llama_fast.experiments.run`'s `run` / `evaluate`) is replaced by a 
 check what the CLI hands over, not the training itself.
 """
 
+import os
 import sys
 import types
 
@@ -134,6 +135,35 @@ def test_resume_rules(tmp_path, capsys, runner):
     assert resumed.resume and resumed.iterations == 50 and resumed.samples == 3  # base: the run's config
     assert runner.checkpoints[-1] == {"models": {"maml": {}, "llama": {}}}   # loaded once, handed over
 
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", str(2**63)])
+def test_a_seed_beyond_64_bits_is_a_one_line_error(seed, tmp_path, capsys, runner):
+    code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(tmp_path / "r"), "--seed", seed],
+                                        capsys)
+    assert code == 2 and len(errors) == 1 and "argument --seed: must be <= 9223372036854775807" in errors[0]
+    assert not runner and not list(tmp_path.iterdir())
+    (tmp_path / "exp.toml").write_text(f"task = 'sinusoid'\nseed = {seed}\n")
+    code, errors = _exit_code_and_error(["train", "--config", str(tmp_path / "exp.toml")], capsys)
+    assert code == 2 and len(errors) == 1 and "seed: must be <= 9223372036854775807" in errors[0]
+    assert cli.main(["train", "sinusoid", "--output", str(tmp_path / "r"), "--seed", str(2**63 - 1)]) == 0
+
+
+@pytest.mark.parametrize("below", ["", "run", "a/b"])
+def test_an_output_under_a_file_is_a_one_line_error(below, tmp_path, capsys, runner):
+    (tmp_path / "file").write_text("mine\n")
+    out = tmp_path / "file" / below
+    code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(out)], capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].endswith(f"--output {out}: {tmp_path / 'file'} is a file, not a folder")
+    assert not runner and (tmp_path / "file").read_text() == "mine\n"
+
+
+def test_an_output_without_write_permission_is_a_one_line_error(tmp_path, capsys, runner, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)   # as a user without the right
+    code, errors = _exit_code_and_error(["train", "sinusoid", "--output", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(errors) == 1 and "--output" in errors[0] and "not writable" in errors[0]
+    assert not runner and not (tmp_path / "run" / "config.toml").exists()
 
 
 @pytest.mark.parametrize("subcommand", ["train", "eval"])
