@@ -64,4 +64,18 @@ TensorVector kron_scaled_normal(at::TensorList evals_A, at::TensorList evals_G,
                                 const at::Tensor& damping, double scale, int64_t num_samples,
                                 const std::optional<at::Generator>& generator = std::nullopt);
 
+// Function-space covariance of the linearised (GLM) predictive, J H^-1 J^T, for a grid of D
+// dampings at once: out [D, T, M, K, K] with
+//   out[d, t, m, k, j] = sum_l ( residual[l, t, m, k, j] / damping[d, t, l]
+//       + sum_{p,q} rotated[l][t, m, k, p, q] rotated[l][t, m, j, p, q]
+//                   / (scale * mu_p * lambda_q + damping[d, t, l]) )
+// rotated[l] [T, M, K, g_l, a_l]: the Jacobian of output k at input m with respect to layer l's
+// weight in the eigenbases of G (evals_G[l] [T, g_l]) and A (evals_A[l] [T, a_l]); residual
+// [L, T, M, K, K] (optional): the Gram matrices of the Jacobians' parts outside those bases
+// (low-rank factors; symmetric, only the lower triangle is read); damping [D, T, L]. Negative round-off eigenvalues are clamped to 0.
+// Autograd: registered from Python (llama_fast/ops/covariance.py).
+at::Tensor functional_covariance(at::TensorList rotated, at::TensorList evals_G,
+                                 at::TensorList evals_A, const std::optional<at::Tensor>& residual,
+                                 const at::Tensor& damping, double scale);
+
 }  // namespace llama_fast

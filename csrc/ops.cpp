@@ -26,6 +26,9 @@ TORCH_LIBRARY(llama_fast, m) {
       "kron_scaled_normal(Tensor[] evals_A, Tensor[] evals_G, Tensor damping, float scale,"
       " int num_samples, Generator? generator=None) -> Tensor[]",
       {at::Tag::nondeterministic_seeded});
+  m.def(
+      "functional_covariance(Tensor[] rotated, Tensor[] evals_G, Tensor[] evals_A,"
+      " Tensor? residual, Tensor damping, float scale) -> Tensor");
 }
 
 namespace llama_fast {
@@ -81,6 +84,14 @@ TensorVector kron_scaled_normal(at::TensorList evals_A, at::TensorList evals_G,
                                 const std::optional<at::Generator>& generator) {
   static const auto op = typed_op<decltype(kron_scaled_normal)>("llama_fast::kron_scaled_normal");
   return op.call(evals_A, evals_G, damping, scale, num_samples, generator);
+}
+
+at::Tensor functional_covariance(at::TensorList rotated, at::TensorList evals_G,
+                                 at::TensorList evals_A, const std::optional<at::Tensor>& residual,
+                                 const at::Tensor& damping, double scale) {
+  static const auto op =
+      typed_op<decltype(functional_covariance)>("llama_fast::functional_covariance");
+  return op.call(rotated, evals_G, evals_A, residual, damping, scale);
 }
 
 }  // namespace llama_fast

@@ -19,7 +19,8 @@ every direction orthogonal to them has eigenvalue 0 (precision exactly ``delta``
 built from fewer rows M than its width o (``g`` rows ``[T, M, o]``, no bias column) is held the
 same way. With bases V_G, V_A (the full eigenvectors for a dense factor), H acts as
 ``s mu lambda + delta`` on ``V_G C V_A^T`` and as ``delta`` on the rest,
-``V - V_G (V_G^T V V_A) V_A^T``; sampling and solves use exactly that split.
+``V - V_G (V_G^T V V_A) V_A^T``; sampling, solves and the function-space covariance
+(``functional_covariance``: ``J H^-1 J^T`` of a linearised predictive) use exactly that split.
 """
 
 import copy
@@ -29,6 +30,7 @@ import numbers
 import torch
 
 from . import _checks
+from .covariance import project_rows
 from .kfac import _as_layer_lists
 from .lowrank import LowRankFactor
 
@@ -150,14 +152,21 @@ class KronCurvature:
         re-summed from the cached eigenvalues and is a constant (no gradient to the factors);
         build a new ``KronCurvature`` where that gradient is needed.
         """
-        like = self.evals_G[0]
+        return self._with(_damping_tensor(damping, self.tasks, self.evals_G[0], check=True), self.scale)
+
+    def with_scale(self, scale) -> "KronCurvature":
+        """The same curvature with another ``s`` (e.g. ``1 / sigma^2`` for a refitted Gaussian
+        noise): shared eigenbases, a constant log-det, as :meth:`with_damping`."""
+        return self._with(self.damping, _positive_scale(scale))
+
+    def _with(self, damping, scale):
         other = copy.copy(self)
-        other.damping = _damping_tensor(damping, self.tasks, like, check=True)
+        other.damping, other.scale = damping, scale
         evals_A = [lam.detach() for lam in self.evals_A]
         evals_G = [mu.detach() for mu in self.evals_G]
-        other._logdet = (torch.ops.llama_fast.kron_logdet_from_eigs(evals_A, evals_G, other.damping, self.scale)
-                         + self._null_pairs() * torch.log(other.damping))
-        # The low-rank bases are delta-free: one cache for both (filled by either).
+        other._logdet = (torch.ops.llama_fast.kron_logdet_from_eigs(evals_A, evals_G, damping, scale)
+                         + self._null_pairs() * torch.log(damping))
+        # The low-rank bases depend on neither: one cache for both (filled by either).
         other.__dict__["_basis_cache"] = self.__dict__.setdefault("_basis_cache", {})
         return other
 
@@ -292,6 +301,125 @@ class KronCurvature:
                 out.append(_rotate_draws(V_G, Z[l], V_A, means[l]))
         return out[0] if single else out
 
+    # ---- the function-space covariance of a linearised predictive -----------------------------
+
+    def jacobian_coordinates(self, a, g):
+        """The network Jacobians of M inputs' K outputs in the cached eigenbases, per layer.
+
+        Args:
+            a: per layer, the input rows ``[T, M, R, i']`` of each input (bias column of ones
+                included where the layer has a bias; R positions: a convolution's patches, 1
+                for a linear layer).
+            g: per layer, the rows ``[T, M, K, R, o]``: output k's gradient with respect to
+                the layer's pre-activation at each position.
+            (A tensor for a one-layer curvature, else lists with one per layer.)
+
+        Returns:
+            ``(rotated, residual)``: per layer ``U^T J_k V`` ``[T, M, K, g, a]`` (``J_k =
+            sum_r g_k,r a_r^T``), and ``[L, T, M, K, K]`` Gram matrices of the Jacobians'
+            parts outside the bases of low-rank factors (None if every factor is dense). They
+            do not depend on delta or s: :meth:`functional_covariance` reuses them for any.
+        """
+        a_list, g_list = self._jacobian_rows(a, g)
+        rotated, residuals = [], []
+        for l, (a_l, g_l) in enumerate(zip(a_list, g_list)):
+            Jh, R = project_rows(a_l, g_l, self._basis(l, "G"), self._basis(l, "A"), self._low_rank(l))
+            rotated.append(Jh)
+            residuals.append(R)
+        if all(R is None for R in residuals):
+            return rotated, None
+        T, M, K = g_list[0].shape[:3]
+        zero = g_list[0].new_zeros(T, M, K, K)
+        return rotated, torch.stack([zero if R is None else R for R in residuals])
+
+    def functional_covariance(self, a=None, g=None, *, coordinates=None, damping_grid=None, scale=None):
+        """``J H^-1 J^T`` per task and input: the covariance of the linearised network's K
+        outputs under the posterior ``N(mean, H^-1)``.
+
+        Per layer ``sum_{p,q} Jh_k,pq Jh_j,pq / (s mu_p lambda_q + delta) + R[k, j] / delta``
+        (the compiled op ``torch.ops.llama_fast.functional_covariance``).
+
+        Args:
+            a, g: Jacobian rows as for :meth:`jacobian_coordinates`; or
+            coordinates: its result, to reuse for another damping or scale.
+            damping_grid: None (this curvature's damping), or D dampings evaluated in one
+                pass: a sequence of floats, or a tensor ``[D]``, ``[D, T]`` or ``[D, T, L]``
+                (per layer).
+            scale: another ``s`` (default: this curvature's), e.g. ``1 / sigma^2`` for a
+                refitted Gaussian noise.
+
+        Returns:
+            ``[T, M, K, K]`` (``[D, T, M, K, K]`` with ``damping_grid``); differentiable with
+            respect to the rows and the damping (the eigenbases are constants).
+        """
+        if coordinates is None:
+            rotated, residual = self.jacobian_coordinates(a, g)
+        elif a is not None or g is not None:
+            raise ValueError("pass either the rows a, g or coordinates, not both")
+        else:
+            rotated, residual = coordinates
+        scale = self.scale if scale is None else _positive_scale(scale)
+        damping = self._damping_grid(damping_grid)
+        evals_G = [self._basis(l, "G")[1] for l in range(self.layers)]
+        evals_A = [self._basis(l, "A")[1] for l in range(self.layers)]
+        out = torch.ops.llama_fast.functional_covariance(rotated, evals_G, evals_A, residual, damping, scale)
+        return out[0] if damping_grid is None else out
+
+    def _jacobian_rows(self, a, g):
+        """Validated per-layer lists of a [T, M, R, i'] and g [T, M, K, R, o] (one M, K)."""
+        single = isinstance(a, torch.Tensor)
+        a_list, g_list = ([a], [g]) if single else (a, g)
+        for x, name in ((a_list, "a"), (g_list, "g")):
+            if not isinstance(x, (list, tuple)) or len(x) != self.layers:
+                raise ValueError(f"{name} must be a tensor (one layer) or a list of {self.layers} "
+                                 f"tensors (one per layer), got {type(x).__name__}")
+        M = K = None
+        for l, (a_l, g_l) in enumerate(zip(a_list, g_list)):
+            na, ng = (f"a[{l}]", f"g[{l}]") if not single else ("a", "g")
+            _checks.check_tensor(a_l, na, ndim=4)
+            _checks.check_tensor(g_l, ng, ndim=5)
+            o, i = self.layer_shape(l)
+            M = a_l.shape[1] if M is None else M
+            K = g_l.shape[2] if K is None else K
+            T, R = self.tasks, a_l.shape[2]
+            if tuple(a_l.shape) != (T, M, R, i):
+                raise ValueError(f"{na} must have shape [T={T}, M={M}, R, i'={i}] (layer {l}: A is "
+                                 f"{i} x {i}, bias column included), got {tuple(a_l.shape)}")
+            if tuple(g_l.shape) != (T, M, K, R, o):
+                raise ValueError(f"{ng} must have shape [T={T}, M={M}, K={K}, R={R}, o={o}] "
+                                 f"(layer {l}: G is {o} x {o}), got {tuple(g_l.shape)}")
+            for x, nm in ((a_l, na), (g_l, ng)):
+                if x.dtype != self.dtype or x.device != self.device:
+                    raise ValueError(f"{nm} must have the factors' dtype {self.dtype} and device "
+                                     f"{self.device}, got {x.dtype} on {x.device}")
+                _checks.check_finite(x, nm)
+        return list(a_list), list(g_list)
+
+    def _damping_grid(self, grid):
+        """The op's damping ``[D, T, L]``: this curvature's (D = 1) or a validated grid."""
+        T, L = self.tasks, self.layers
+        if grid is None:
+            return self.damping.detach()[None, :, None].expand(1, T, L)
+        if not isinstance(grid, torch.Tensor):
+            if not isinstance(grid, (list, tuple)) or not grid:
+                raise TypeError(f"damping_grid must be a non-empty sequence of floats or a tensor, "
+                                f"got {type(grid).__name__}")
+            grid = torch.tensor([float(x) for x in grid], dtype=self.dtype, device=self.device)
+        _checks.check_tensor(grid, "damping_grid")
+        if grid.dtype != self.dtype or grid.device != self.device:
+            raise ValueError(f"damping_grid must have the factors' dtype {self.dtype} and device "
+                             f"{self.device}, got {grid.dtype} on {grid.device}")
+        if grid.dim() == 1:
+            grid = grid[:, None, None]
+        elif grid.dim() == 2:
+            grid = grid[:, :, None]
+        if grid.dim() != 3 or grid.shape[1] not in (1, T) or grid.shape[2] not in (1, L):
+            raise ValueError(f"damping_grid must have shape [D], [D, T={T}] or [D, T={T}, L={L}], "
+                             f"got {tuple(grid.shape)}")
+        if not bool(((grid > 0) & torch.isfinite(grid)).all()):
+            raise ValueError("damping_grid must be positive and finite")
+        return grid.expand(grid.shape[0], T, L)
+
     def _eig_denominator(self, mu, lam):
         """s * mu lambda^T + delta, [T, o, a] (negative round-off clamped to 0)."""
         return (self.scale * mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)
@@ -351,6 +479,13 @@ class KronCurvature:
         else:
             GXA = torch.matmul(G.detach(), XA)
         return self.scale * GXA + self.damping.detach()[:, None, None] * X4
+
+
+def _positive_scale(scale) -> float:
+    value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"scale must be positive and finite, got {value}")
+    return value
 
 
 def _rank(factor) -> int:

@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 __all__ = ["kfac_factors", "sym_eig", "kron_logdet", "kron_logdet_dense", "chol_logdet", "kron_sample",
            "kron_sample_from_eigs", "kron_precision_dense", "kron_solve", "kron_precision_matvec",
-           "maml_loop"]
+           "functional_covariance", "maml_loop"]
 
 
 def _layer_factors(a, g, bias, a_scale, g_scale):
@@ -162,6 +162,26 @@ def kron_precision_matvec(V, A, G, damping=1.0, scale=1.0):
     """H v for one layer, V [..., T, o, i']: the dense H times row-major vec(V)."""
     H = kron_precision_dense(A, G, damping, scale)
     return (H @ V.reshape(*V.shape[:-2], -1, 1)).reshape(V.shape)
+
+
+def functional_covariance(rotated, evals_G, evals_A, residual, damping, scale):
+    """The functional_covariance op in plain torch: per layer the weights
+    ``1 / (s mu_p lambda_q + delta)`` ``[D, T, g, a]`` and one einsum over the eigenvector pairs,
+    plus ``residual / delta``. Same arguments: ``rotated[l] [T, M, K, g, a]``, ``evals_G[l]
+    [T, g]``, ``evals_A[l] [T, a]``, ``residual [L, T, M, K, K]`` or None (symmetric: only its
+    lower triangle is read, as LAPACK's ``uplo="L"``), ``damping [D, T, L]``; returns
+    ``[D, T, M, K, K]``."""
+    if residual is not None:
+        residual = residual.tril() + residual.tril(-1).mT
+    total = 0
+    for l, (J, mu, lam) in enumerate(zip(rotated, evals_G, evals_A)):
+        delta = damping[:, :, l]
+        weight = 1.0 / (scale * mu.clamp_min(0)[:, :, None] * lam.clamp_min(0)[:, None, :]
+                        + delta[:, :, None, None])
+        total = total + torch.einsum("tmkpq,dtpq,tmjpq->dtmkj", J, weight, J)
+        if residual is not None:
+            total = total + residual[l] / delta[:, :, None, None, None]
+    return total
 
 
 def _mean_loss(out, y, loss):
