@@ -39,8 +39,8 @@ def predict_column(trainer, post, x, column, generator, sigma=None):
     (classification's predict takes none)."""
     noise = {} if sigma is None else {"noise": sigma}
     if column == "llama":
-        return post.predict(x, num_samples=trainer.config.samples, generator=generator, **noise)
-    return post.predict(x, **noise)
+        return post.predict(x, pred_type="nn", num_samples=trainer.config.samples, generator=generator, **noise)
+    return post.predict(x, pred_type="point", **noise)
 
 
 def chunks(batch: meta.TaskBatch, size: int):

@@ -98,7 +98,7 @@ def sinusoid_figure(trainer, path, tasks=4, shots=10, points=200) -> Path:
     fit_y = sample_y = None
     maml, llama = trainer.learner("maml"), trainer.learner("llama")
     if maml is not None:
-        fit_y = posteriors(trainer, maml, batch, c.inner_steps).predict(x)[0].squeeze(-1)
+        fit_y = posteriors(trainer, maml, batch, c.inner_steps).predict(x, pred_type="point")[0].squeeze(-1)
     if llama is not None:
         generator = torch.Generator().manual_seed(data.derive_seed(c.seed, PLOT_RANK))
         post = posteriors(trainer, llama, batch, c.inner_steps)

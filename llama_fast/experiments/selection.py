@@ -57,9 +57,9 @@ def laplace_evidence(post, model, support_y_nll, grid=DAMPING_GRID) -> torch.Ten
 def _summed_nll(post, x, y, loss) -> torch.Tensor:
     """sum_n -log p(y_n | x_n, phi_i) per task at the adapted parameters (sigma = 1)."""
     if loss == "mse":
-        mean, _ = post.predict(x)
+        mean, _ = post.predict(x, pred_type="point")
         return (0.5 * (mean - y) ** 2 + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
-    probs = post.predict(x)
+    probs = post.predict(x, pred_type="point")
     return -probs.gather(-1, y.unsqueeze(-1)).clamp_min(1e-12).log().flatten(1).sum(1)
 
 
@@ -72,7 +72,7 @@ def predictive_nll(post, x, y, loss, samples, seed, grid=DAMPING_GRID) -> torch.
     rows = []
     for delta in grid:
         generator = torch.Generator(device=x.device).manual_seed(seed)
-        out = post.with_damping(delta).predict(x, num_samples=samples, generator=generator)
+        out = post.with_damping(delta).predict(x, pred_type="nn", num_samples=samples, generator=generator)
         rows.append(gaussian_nll(*out, y) if loss == "mse" else categorical_nll(out, y))
     return torch.stack(rows)
 

@@ -218,10 +218,10 @@ class Trainer:
                             inner_lr=c.inner_lr, inner_steps=c.inner_steps, damping=self.damping,
                             fisher=c.fisher)
             if self.loss == "mse":
-                mean, _ = post.predict(batch.query_x)
+                mean, _ = post.predict(batch.query_x, pred_type="point")
                 rows[learner.name] = {"val_mse": metrics.mse(mean, batch.query_y)}
             else:
-                probs = post.predict(batch.query_x)
+                probs = post.predict(batch.query_x, pred_type="point")
                 rows[learner.name] = {"val_accuracy": metrics.accuracy(probs, batch.query_y),
                                       "val_nll": metrics.nll(probs, batch.query_y)}
         llama = self.learner("llama")

@@ -171,6 +171,33 @@ def functional_mode(model: nn.Module):
                 module.track_running_stats = track
 
 
+@contextmanager
+def constant_batch_statistics(model: nn.Module):
+    """Inside functional_mode: BatchNorm normalises with its batch's statistics held constant
+    (detached), so that each output depends on its own input alone and a Jacobian's rows are
+    per-example (the linearised predictive's). The values are those of the batch-statistics
+    forward pass; only the derivatives through the mean and variance are dropped."""
+    handles = [m.register_forward_hook(_constant_statistics_hook)
+               for m in model.modules() if isinstance(m, NORM_TYPES)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _constant_statistics_hook(module, args, output):
+    x = args[0]
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True).detach()
+    var = x.var(dims, unbiased=False, keepdim=True).detach()
+    y = (x - mean) * torch.rsqrt(var + module.eps)
+    if module.affine:
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        y = y * module.weight.view(shape) + module.bias.view(shape)
+    return y
+
+
 class Capture:
     """Forward hooks on the K-FAC layers: while active, record each layer's input and add its
     probe to the output. Inactive (the inner loop), they do nothing."""
@@ -287,6 +314,19 @@ def layer_rows(layer: KfacLayer, a, g):
     return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
 
 
+def example_rows(layer: KfacLayer, a, g):
+    """Per-example rows of one layer: (a [M, R, i], g [M, K, R, o]) from its input a [M, ...]
+    and the gradients g [K, M, ...] of K outputs at its output (R positions: a convolution's
+    patches, a Linear layer's extra middle dims)."""
+    module = layer.module
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(a, module.kernel_size, dilation=module.dilation,
+                           padding=_conv_padding(module, layer.name), stride=module.stride)
+        return patches.transpose(1, 2), g.flatten(3).transpose(0, 1).transpose(-1, -2)
+    M = a.shape[0]
+    return a.reshape(M, -1, a.shape[-1]), g.reshape(g.shape[0], M, -1, g.shape[-1]).transpose(0, 1)
+
+
 class FunctionalNet:
     """`model` run functionally per task: forward passes, the MAML inner loop and the
     capture of K-FAC inputs and output gradients. Use inside ``with functional_mode(model),
@@ -336,6 +376,35 @@ class FunctionalNet:
         if self.spec.leaves is not None:
             return self._capture_rows_stacked(fast, rest, x, y, fisher, noise, extra_x)
         return self._capture_rows_vjp(fast, rest, x, y, fisher, layer_shapes, noise, extra_x)
+
+    def jacobian_rows(self, fast, rest, x, layer_shapes):
+        """(out [M, K], a rows, g rows) at `fast` on inputs x [M, ...]: per K-FAC layer the
+        per-example input rows ``[M, R, i]`` and the gradients of each of the K (flattened)
+        outputs at the layer's output ``[M, K, R, o]``; together ``J_k = sum_r g_k,r a_r^T``.
+        Use inside ``constant_batch_statistics`` where the network has BatchNorm (otherwise
+        an output's gradient also reaches the other examples' layer outputs)."""
+        M = x.shape[0]
+        probes = tuple(torch.zeros((M, *s), dtype=x.dtype, device=x.device) for s in layer_shapes)
+
+        def probed(probes):
+            self.capture.start(probes)
+            try:
+                out = self.forward(fast, rest, x)
+            except BaseException:
+                self.capture.abort()
+                raise
+            return out, self.capture.stop()
+
+        out, vjp_fn, inputs = torch.func.vjp(probed, probes, has_aux=True)
+        flat = out.reshape(M, -1)
+        K = flat.shape[1]
+        eye = torch.eye(K, dtype=out.dtype, device=out.device)
+        # One VJP per output: each sums over the examples, which the constant statistics keep
+        # apart, so example m's slice is its own gradient.
+        per_output = [vjp_fn(eye[k].expand(M, K).reshape(out.shape))[0] for k in range(K)]
+        rows = [example_rows(layer, a, torch.stack(g))
+                for layer, a, g in zip(self.spec.layers, inputs, zip(*per_output))]
+        return flat, [r[0] for r in rows], [r[1] for r in rows]
 
     def _capture_rows_stacked(self, fast, rest, x, y, fisher, noise, extra_x):
         """capture_rows by backprop.py: one written-out reverse pass for all K cotangents."""

@@ -3,9 +3,16 @@
 ``adapt`` runs the MAML inner loop on every task's support set (vmapped over tasks, as in
 meta_step), then builds each task's K-FAC curvature at its adapted parameters:
 ``N(phi_i, H_i^-1)`` with ``H_i = s * G (x) A + delta * I`` per K-FAC layer (docs/ops.md,
-"Conventions"). ``kron_laplace`` is the same posterior around given parameters on one data set
+"Conventions"); for a Gaussian likelihood with noise sigma the curvature's scale is
+``s / sigma^2``. ``kron_laplace`` is the same posterior around given parameters on one data set
 (T = 1, zero inner steps). BatchNorm parameters are not part of the posterior: they stay at
-their point estimate in samples.
+their point estimate in samples, and the linearised predictive treats their batch statistics
+as constants.
+
+Predictives (``TaskPosterior.predict``): "glm", the linearised network's
+``N(f(x; phi), J H^-1 J^T)`` in function space (llama_fast.meta.predictive; the default, as
+laplace-torch's), "nn", the average over weight samples run through the network (LLAMA's
+paper), and "point", the adapted parameters alone.
 """
 
 import copy
@@ -16,13 +23,20 @@ from torch.func import functional_call
 
 from ..ops import reference
 from ..ops.curvature import KronCurvature
+from . import predictive
 from .checks import BACKENDS, check_damping, check_targets, choice, nonnegative
 from .factors import curvature_factors, mc_noise
-from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model
+from .functional import (FISHERS, LOSSES, Capture, FunctionalNet, constant_batch_statistics, functional_mode,
+                         inspect_model)
 from .tasks import call_tasks, resolve_task_chunk, split_params, task_spans
 from .types import TaskBatch
 
 __all__ = ["TaskPosterior", "adapt", "kron_laplace"]
+
+# The linearised predictive projects the Jacobian rows of this many bytes of coordinates
+# ([T, m, K, o, i'] over all layers) at a time: Conv-4's 577-wide layers give ~0.75 MB per
+# (task, input, output), so a few hundred inputs of a 5-way task fill it.
+GLM_CHUNK_BYTES = 1 << 28
 
 
 class TaskPosterior:
@@ -35,18 +49,27 @@ class TaskPosterior:
         A, G: per-layer Kronecker factors ``[T, i', i']`` and ``[T, o, o]``; a factor built
             from fewer support rows than its width is a :class:`~llama_fast.LowRankFactor`
             (``.dense()`` materialises it).
-        curvature: the :class:`~llama_fast.KronCurvature` (cached eigendecompositions).
-        loss: "cross_entropy" (classification) or "mse" (Gaussian regression; the observation
-            noise sigma is a ``predict`` argument, 1 by default).
+        curvature: the :class:`~llama_fast.KronCurvature` (cached eigendecompositions), with
+            scale ``scale / noise**2`` for "mse".
+        loss: "cross_entropy" (classification) or "mse" (Gaussian regression).
+        noise: the Gaussian observation noise sigma of "mse" (1 for classification): the
+            curvature and the predictive use the same one (:meth:`with_noise`).
     """
 
-    def __init__(self, model, spec, loss, params, fixed, A, G, damping, scale, backend, layer_shapes):
+    def __init__(self, model, spec, loss, params, fixed, A, G, damping, scale, backend, layer_shapes,
+                 noise=1.0):
         self.model, self.spec, self.loss = model, spec, loss
         self.layer_shapes = layer_shapes   # per-example K-FAC layer outputs (sizes predict's chunks)
         self.params, self.fixed = params, fixed
         self.A, self.G = A, G
         self.damping, self.scale, self.backend = damping, scale, backend
-        self.curvature = KronCurvature(A, G, damping=damping, scale=scale)
+        self.noise = _check_noise(noise) if loss == "mse" else 1.0
+        self.curvature = KronCurvature(A, G, damping=damping, scale=self.curvature_scale)
+
+    @property
+    def curvature_scale(self) -> float:
+        """The curvature's ``s``: ``scale / noise**2`` (the Gaussian likelihood's precision)."""
+        return self.scale / self.noise ** 2
 
     @property
     def tasks(self) -> int:
@@ -55,8 +78,19 @@ class TaskPosterior:
     def logdet(self) -> torch.Tensor:
         """``log det H_i`` per task, ``[T]`` (summed over the K-FAC layers)."""
         if self.backend == "reference":
-            return reference.kron_logdet(self.A, self.G, damping=self.damping, scale=self.scale)
+            return reference.kron_logdet(self.A, self.G, damping=self.damping, scale=self.curvature_scale)
         return self.curvature.logdet()
+
+    def with_noise(self, noise) -> "TaskPosterior":
+        """The same posteriors for Gaussian observation noise ``noise`` (sigma): the curvature's
+        scale becomes ``scale / sigma^2`` (its eigenbases are shared, nothing is redone) and
+        the predictive adds ``sigma^2``. Classification has no noise parameter."""
+        if self.loss != "mse":
+            raise ValueError("with_noise applies to loss='mse' (Gaussian likelihood) only")
+        other = copy.copy(self)
+        other.noise = _check_noise(noise)
+        other.curvature = self.curvature.with_scale(other.curvature_scale)
+        return other
 
     def with_damping(self, damping) -> "TaskPosterior":
         """The same posteriors with prior precision ``damping`` (float or ``[T]``): the adapted
@@ -150,38 +184,101 @@ class TaskPosterior:
         S = next(iter(fast.values())).shape[0]
         return torch.stack([self._outputs({k: v[s] for k, v in fast.items()}, x) for s in range(S)])
 
+    def _jacobian_rows(self, x):
+        """Per layer the rows ``a [T, M, R, i']`` (bias column included) and ``g [T, M, K, R, o]``
+        of the network's Jacobian at phi on x (BatchNorm statistics constant)."""
+        spec, fixed = self.spec, self.fixed
+
+        def one_task(p, xi):
+            _, a, g = net.jacobian_rows(p, fixed, xi, self.layer_shapes)
+            return a, g
+
+        with functional_mode(self.model), constant_batch_statistics(self.model), Capture(spec) as capture:
+            net = FunctionalNet(self.model, spec, capture, self.loss)
+            parts = [call_tasks(one_task, (0, 0), (self.params, x), span)
+                     for span in task_spans(self.tasks, self._task_chunk(x))]
+        a = [torch.cat([p[0][l] for p in parts]) for l in range(len(spec.layers))]
+        g = [torch.cat([p[1][l] for p in parts]) for l in range(len(spec.layers))]
+        a = [torch.cat([x_l, x_l.new_ones(*x_l.shape[:-1], 1)], dim=-1) if layer.has_bias else x_l
+             for layer, x_l in zip(spec.layers, a)]
+        return a, g
+
     @torch.no_grad()
-    def predict(self, x, num_samples: int = 0, generator=None, noise: float = 1.0):
+    def functional_covariance(self, x, damping_grid=None):
+        """``J H^-1 J^T``: the covariance of the linearised network's K (flattened) outputs at
+        each input, ``[T, M, K, K]`` (``[D, T, M, K, K]`` for a ``damping_grid`` of D
+        dampings, as :meth:`KronCurvature.functional_covariance`; the Jacobians are computed
+        once). BatchNorm normalises with x's batch statistics, held constant in the Jacobian:
+        rows are per-example, while the outputs stay transductive, as the point estimate's."""
+        self._check_inputs(x)
+        a, g = self._jacobian_rows(x)
+        M, K = g[0].shape[1], g[0].shape[2]
+        parts = []
+        for start in range(0, M, self._input_chunk(a, g)):
+            stop = min(M, start + self._input_chunk(a, g))
+            parts.append(self.curvature.functional_covariance(
+                [x_l[:, start:stop] for x_l in a], [x_l[:, start:stop] for x_l in g], damping_grid=damping_grid))
+        return torch.cat(parts, dim=-3)
+
+    def _input_chunk(self, a, g):
+        """Inputs per projection: the coordinates ``[T, m, K, o, i']`` of all layers within
+        GLM_CHUNK_BYTES."""
+        T, M, K = g[0].shape[:3]
+        per_input = T * K * sum(x.shape[-1] * y.shape[-1] + x.shape[-2] * y.shape[-1]
+                                for x, y in zip(a, g)) * g[0].element_size()
+        return max(1, min(M, GLM_CHUNK_BYTES // max(1, per_input)))
+
+    @torch.no_grad()
+    def predict(self, x, pred_type="glm", link_approx="probit", num_samples=100, generator=None, noise=None):
         """Posterior predictive on inputs ``x [T, M, ...]``.
 
-        ``num_samples=0``: the adapted point estimate. Otherwise the average over
-        ``num_samples`` posterior samples. BatchNorm normalises with x's batch statistics
-        (transductive, as in training).
+        Args:
+            pred_type: "glm" (default): the linearised network, ``N(f(x; phi_i), J H^-1 J^T)``
+                in function space (:meth:`functional_covariance`); "nn": the average over
+                ``num_samples`` weight samples run through the network (LLAMA's paper);
+                "point": the adapted parameters phi_i alone.
+            link_approx: classification under "glm": "probit" (default) or "mc"
+                (``num_samples`` function-space draws).
+            num_samples: draws for "nn" and for "glm" with "mc".
+            generator: a ``torch.Generator`` for those draws.
+            noise: "mse" only: the observation noise sigma; default the posterior's
+                (:meth:`with_noise`, which another value goes through: the curvature is
+                rescaled to match).
 
-        ``noise``: the Gaussian observation noise sigma (> 0, finite) of "mse" regression;
-        classification ignores it (its likelihood has no noise parameter). The posterior
-        itself does not depend on it: the curvature is that of the training loss, the MSE,
-        i.e. sigma = 1 (laplace-torch's ``sigma_noise`` fitted on held-out data plays this
-        role).
+        BatchNorm normalises with x's batch statistics (transductive, as in training).
 
         Returns:
             cross_entropy: class probabilities ``[T, M, C]``.
-            mse: ``(mean, std)`` of the predictive, each ``[T, M, D]``, moment-matched over the
-            samples; ``std = sqrt(var_s f + noise**2)``.
+            mse: ``(mean, std)`` of the predictive, each ``[T, M, D]``; "nn" moment-matches
+            the samples, ``std = sqrt(var_s f + sigma**2)``; "glm" has ``std = sqrt(diag(J
+            H^-1 J^T) + sigma**2)``.
         """
-        noise = _check_noise(noise)
+        choice(pred_type, predictive.PRED_TYPES, "pred_type")
+        choice(link_approx, predictive.LINKS, "link_approx")
+        if noise is not None and _check_noise(noise) != self.noise and self.loss == "mse":
+            return self.with_noise(noise).predict(x, pred_type, link_approx, num_samples, generator)
         self._check_inputs(x)
-        num_samples = int(num_samples)
-        if num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-        if num_samples == 0:
-            f = self._outputs(self.params, x).unsqueeze(0)
-        else:
+        sampled = pred_type == "nn" or (pred_type == "glm" and link_approx == "mc" and self.loss != "mse")
+        if sampled:
+            num_samples = predictive.check_samples(num_samples)
+        if pred_type == "nn":
             f = self.sample_outputs(self.sample(num_samples, generator), x)   # [S, T, M, ...]
-        if self.loss == "cross_entropy":
-            return torch.softmax(f, dim=-1).mean(0)
-        mean = f.mean(0)
-        return mean, torch.sqrt(f.var(0, unbiased=False) + noise ** 2)
+            if self.loss == "cross_entropy":
+                return torch.softmax(f, dim=-1).mean(0)
+            return f.mean(0), torch.sqrt(f.var(0, unbiased=False) + self.noise ** 2)
+        f = self._outputs(self.params, x)
+        if pred_type == "point":
+            if self.loss == "cross_entropy":
+                return torch.softmax(f, dim=-1)
+            return f, torch.full_like(f, self.noise)
+        f_cov = self.functional_covariance(x)
+        flat = f.reshape(*f.shape[:2], -1)
+        if self.loss == "mse":
+            mean, std = predictive.gaussian_predictive(flat, f_cov, self.noise)
+            return mean.view(f.shape), std.view(f.shape)
+        if link_approx == "probit":
+            return predictive.probit_softmax(f, f_cov)
+        return predictive.mc_softmax(f, f_cov, num_samples, generator)
 
 
 def _check_noise(noise) -> float:
@@ -201,7 +298,7 @@ def _check_inputs(support_x, support_y):
 
 
 def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping, scale=1.0,
-          fisher="exact", backend="kernels", mc_samples=1, generator=None) -> TaskPosterior:
+          fisher="exact", backend="kernels", mc_samples=1, generator=None, noise=1.0) -> TaskPosterior:
     """Adapt ``model`` to T new tasks and return their Laplace posteriors.
 
     Args:
@@ -209,6 +306,9 @@ def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping
             float targets.
         loss, inner_lr, inner_steps, damping, scale, fisher, backend, mc_samples, generator:
             as for :func:`llama_fast.meta_step` (the curvature is on the support set).
+        noise: "mse" only: the Gaussian observation noise sigma; the curvature is that of the
+            Gaussian likelihood, ``scale / sigma^2`` times the squared error's, and the
+            predictive adds ``sigma^2`` (:meth:`TaskPosterior.with_noise` changes it later).
 
     Returns:
         :class:`TaskPosterior` (detached from the model's parameters).
@@ -226,6 +326,7 @@ def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping
     scale = nonnegative(scale, "scale")
     if scale == 0:
         raise ValueError("scale must be positive")
+    noise = _check_noise(noise)
     spec = inspect_model(model)
     theta, fixed = split_params(model, spec)
     theta = {k: v.detach() for k, v in theta.items()}
@@ -235,26 +336,27 @@ def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping
         with torch.no_grad():
             layer_shapes, out_shape = net.output_shapes(theta, fixed, support_x[0])
         check_targets(support_y, out_shape, loss, "support_y")
-        noise = None
+        draws = None
         if fisher == "mc":
-            noise = mc_noise(loss, int(mc_samples), T, support_x.shape[1], out_shape, support_x, generator)
+            draws = mc_noise(loss, int(mc_samples), T, support_x.shape[1], out_shape, support_x, generator)
 
-        def one_task(x, y, noise):
+        def one_task(x, y, draws):
             phi = net.inner_loop(theta, fixed, x, y, inner_lr, inner_steps, True)
-            _, a, g = net.capture_rows(phi, fixed, x, y, fisher, layer_shapes, noise)
+            _, a, g = net.capture_rows(phi, fixed, x, y, fisher, layer_shapes, draws)
             return phi, a, g
 
-        phi, a, g = torch.func.vmap(one_task, in_dims=(0, 0, None if noise is None else 0))(
-            support_x, support_y, noise)
+        phi, a, g = torch.func.vmap(one_task, in_dims=(0, 0, None if draws is None else 0))(
+            support_x, support_y, draws)
     A, G = curvature_factors(a, g, [layer.has_bias for layer in spec.layers], backend)
-    return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend, layer_shapes)
+    return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend, layer_shapes, noise)
 
 
 def kron_laplace(model, x, y, *, loss, damping, scale=1.0, fisher="exact", backend="kernels",
-                 mc_samples=1, generator=None) -> TaskPosterior:
+                 mc_samples=1, generator=None, noise=1.0) -> TaskPosterior:
     """The K-FAC Laplace posterior around ``model``'s parameters on one data set (T = 1).
 
-    ``x [N, ...]``, ``y [N]`` (labels) or ``[N, ...]`` (float targets). For bias-free
+    ``x [N, ...]``, ``y [N]`` (labels) or ``[N, ...]`` (float targets); ``noise``: the
+    Gaussian sigma of "mse" (laplace-torch's ``sigma_noise``). For bias-free
     networks its ``logdet()`` equals laplace-torch's ``KronLaplace(model, likelihood,
     prior_precision=damping, temperature=1/scale, backend=CurvlinopsGGN)`` fitted on one batch
     holding the whole data set: ``log_det_posterior_precision`` (README, "laplace-torch").
@@ -264,4 +366,4 @@ def kron_laplace(model, x, y, *, loss, damping, scale=1.0, fisher="exact", backe
             raise ValueError(f"{name} must be a tensor with an example dim [N, ...]")
     return adapt(model, x.unsqueeze(0), y.unsqueeze(0), loss=loss, inner_lr=0.0, inner_steps=0,
                  damping=damping, scale=scale, fisher=fisher, backend=backend,
-                 mc_samples=mc_samples, generator=generator)
+                 mc_samples=mc_samples, generator=generator, noise=noise)

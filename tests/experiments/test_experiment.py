@@ -329,7 +329,7 @@ def test_predictive_nll_is_the_evaluation_predictive_per_delta(loss):
     assert values.shape == (3, 3)
     for row, delta in zip(values, grid):
         fresh = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=delta)
-        pred = fresh.predict(x, num_samples=4, generator=torch.Generator().manual_seed(11))
+        pred = fresh.predict(x, pred_type="nn", num_samples=4, generator=torch.Generator().manual_seed(11))
         if loss == "mse":
             mean, std = pred
             expected = (0.5 * ((y - mean) / std) ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)

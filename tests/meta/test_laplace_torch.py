@@ -94,3 +94,41 @@ def test_meta_step_logdet_equals_laplace_torch_on_adapted_task(rng):
                 model.get_parameter(name).copy_(value[t])
         theirs = laplace_torch_logdet(model, x[t], y[t], "classification", 0.4, 1.0, CurvlinopsGGN)
         torch.testing.assert_close(result.logdet[t], theirs, rtol=1e-10, atol=1e-8)
+
+
+# ---- the linearised (GLM) predictive ----------------------------------------------------------
+
+def fitted(model, x, y, likelihood, **kwargs):
+    la = KronLaplace(model, likelihood, backend=CurvlinopsGGN, **kwargs)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=len(x)))
+    return la
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.3])
+def test_glm_regression(sigma, rng):
+    model = mlp(rng, outputs=2)
+    x = torch.randn(9, 3, generator=rng, dtype=DT)
+    y = torch.randn(9, 2, generator=rng, dtype=DT)
+    query = torch.randn(6, 3, generator=rng, dtype=DT)
+    post = lf.kron_laplace(model, x, y, loss="mse", damping=0.4, scale=2.0, noise=sigma)
+    la = fitted(model, x, y, "regression", sigma_noise=sigma, prior_precision=0.4, temperature=0.5)
+    f_mu, f_var = la(query, pred_type="glm")
+    torch.testing.assert_close(post.functional_covariance(query[None])[0], f_var, rtol=1e-9, atol=1e-12)
+    mean, std = post.predict(query[None])
+    torch.testing.assert_close(mean[0], f_mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(std[0] ** 2, f_var.diagonal(dim1=-2, dim2=-1) + sigma ** 2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_glm_classification_probit(net, rng):
+    model = mlp(rng, outputs=4) if net == "mlp" else convnet(rng)
+    shape = (3,) if net == "mlp" else (2, 8, 8)
+    x = torch.randn(7, *shape, generator=rng, dtype=DT)
+    y = torch.randint(0, 4, (7,), generator=rng)
+    query = torch.randn(5, *shape, generator=rng, dtype=DT)
+    post = lf.kron_laplace(model, x, y, loss="cross_entropy", damping=0.3)
+    la = fitted(model, x, y, "classification", prior_precision=0.3)
+    _, f_var = la._glm_predictive_distribution(query)
+    torch.testing.assert_close(post.functional_covariance(query[None])[0], f_var, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(post.predict(query[None])[0], la(query, pred_type="glm", link_approx="probit"),
+                               rtol=1e-9, atol=1e-12)

@@ -103,12 +103,12 @@ def test_predict_point_estimate_classification(device, rng):
     model, x, y = conv_setup(rng, device)
     post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.4, inner_steps=3, damping=0.5)
     query = torch.randn(2, 5, 1, 16, 16, generator=rng, dtype=DT).to(device)
-    probs = post.predict(query, num_samples=0)
+    probs = post.predict(query, pred_type="point")
     expected = torch.softmax(adapted_point_outputs(model, post, query), -1)
     torch.testing.assert_close(probs, expected)
     # Adaptation moved the weights: the support set is fitted better than before.
     before = nn.functional.cross_entropy(adapted_point_outputs(model, lf.kron_laplace(model, x[0], y[0], loss="cross_entropy", damping=0.5), x[:1])[0], y[0])
-    after = nn.functional.cross_entropy(torch.log(post.predict(x)[0]), y[0])
+    after = nn.functional.cross_entropy(torch.log(post.predict(x, pred_type="point")[0]), y[0])
     assert after < before
     assert post.logdet().shape == (2,) and post.logdet().device.type == device.type
 
@@ -119,7 +119,7 @@ def test_predict_point_estimate_regression(rng):
     x = torch.randn(3, 5, 1, generator=rng, dtype=DT)
     post = lf.adapt(model, x, torch.sin(x), loss="mse", inner_lr=0.05, inner_steps=2, damping=1.0)
     query = torch.randn(3, 7, 1, generator=rng, dtype=DT)
-    mean, std = post.predict(query)
+    mean, std = post.predict(query, pred_type="point")
     torch.testing.assert_close(mean, adapted_point_outputs(model, post, query))
     torch.testing.assert_close(std, torch.ones_like(mean))   # sigma = 1 noise only
 
@@ -144,8 +144,8 @@ def test_adapt_errors(rng):
     post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1.0)
     with pytest.raises(ValueError, match=r"x must be a tensor \[T=2, M, ...\]"):
         post.predict(x[:1])
-    with pytest.raises(ValueError, match="num_samples must be >= 0"):
-        post.predict(x, num_samples=-1)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 1"):
+        post.predict(x, pred_type="nn", num_samples=-1)
 
 
 def test_sample_shapes_and_fixed_batchnorm(device, rng):
@@ -182,15 +182,15 @@ def test_samples_have_the_posterior_mean_and_covariance(rng):
 def test_predict_with_samples(rng):
     model, x, y = conv_setup(rng, "cpu")
     post = lf.adapt(model, x, y, loss="cross_entropy", inner_lr=0.1, damping=1e8)
-    probs = post.predict(x, num_samples=4, generator=torch.Generator().manual_seed(0))
+    probs = post.predict(x, pred_type="nn", num_samples=4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, dtype=DT))
     # A very tight posterior (delta = 1e8) predicts like its mean.
-    torch.testing.assert_close(probs, post.predict(x), rtol=0, atol=1e-3)
+    torch.testing.assert_close(probs, post.predict(x, pred_type="point"), rtol=0, atol=1e-3)
     seeded(rng)
     reg = lf.models.mlp(hidden=(8,)).to(DT)
     xs = torch.randn(2, 5, 1, generator=rng, dtype=DT)
     mean, std = lf.adapt(reg, xs, xs.sin(), loss="mse", inner_lr=0.1, damping=0.5).predict(
-        xs, num_samples=16, generator=torch.Generator().manual_seed(0))
+        xs, pred_type="nn", num_samples=16, generator=torch.Generator().manual_seed(0))
     assert mean.shape == std.shape == (2, 5, 1) and bool((std > 1).all())
 
 
@@ -210,11 +210,12 @@ def test_predict_in_task_chunks_equals_vmap(chunk_bytes, rng, monkeypatch):
     samples = post.sample(3, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(lf.meta.tasks, "AUTO_CHUNK_BYTES", 1 << 40)    # one vmap for all tasks
     assert post._task_chunk(query) is None
-    whole = post.predict(query), post.sample_outputs(samples, query)
+    whole = post.predict(query), post.sample_outputs(samples, query), post.predict(query, pred_type="point")
     monkeypatch.setattr(lf.meta.tasks, "AUTO_CHUNK_BYTES", chunk_bytes)
     assert post._task_chunk(query) == max(1, chunk_bytes // (4 * 4 * 16 * 16 * 8))
-    chunked = post.predict(query), post.sample_outputs(samples, query)
-    torch.testing.assert_close(chunked[0], whole[0])
+    chunked = post.predict(query), post.sample_outputs(samples, query), post.predict(query, pred_type="point")
+    torch.testing.assert_close(chunked[0], whole[0])      # the GLM predictive
+    torch.testing.assert_close(chunked[2], whole[2])
     torch.testing.assert_close(chunked[1], whole[1])
     plain = torch.stack([torch.stack([functional_call(model, {k: v[s, t] for k, v in samples.items()},
                                                       (query[t],), strict=False) for t in range(5)])
@@ -234,20 +235,21 @@ def test_predict_in_task_chunks_equals_vmap(chunk_bytes, rng, monkeypatch):
 
 
 def test_predict_noise(rng):
-    """std = sqrt(var_s f + noise**2) with the same draws; a bad noise is a ValueError naming it;
-    classification ignores it."""
+    """The point estimate's std is the noise alone; another noise goes through with_noise (the
+    curvature rescaled by 1/sigma^2: the same draws give the same predictive as with_noise's);
+    a bad noise is a ValueError naming it; classification ignores it."""
     seeded(rng)
     reg = lf.models.mlp(hidden=(8,)).to(DT)
     xs = torch.randn(2, 5, 1, generator=rng, dtype=DT)
     post = lf.adapt(reg, xs, xs.sin(), loss="mse", inner_lr=0.1, damping=0.5)
-    for samples in (0, 6):
-        mean1, std1 = post.predict(xs, num_samples=samples, generator=torch.Generator().manual_seed(3))
-        mean, std = post.predict(xs, num_samples=samples, generator=torch.Generator().manual_seed(3),
-                                 noise=0.1)
-        torch.testing.assert_close(mean, mean1)
-        var_f = std1 ** 2 - 1.0
-        torch.testing.assert_close(std, torch.sqrt(var_f + 0.01))
-    torch.testing.assert_close(post.predict(xs, noise=0.3)[1], torch.full_like(mean, 0.3))
+    torch.testing.assert_close(post.predict(xs, pred_type="point", noise=0.3)[1], torch.full((2, 5, 1), 0.3, dtype=DT))
+    for pred_type in ("nn", "glm"):
+        via_predict = post.predict(xs, pred_type=pred_type, num_samples=6, noise=0.1,
+                                   generator=torch.Generator().manual_seed(3))
+        via_posterior = post.with_noise(0.1).predict(xs, pred_type=pred_type, num_samples=6,
+                                                     generator=torch.Generator().manual_seed(3))
+        for got, want in zip(via_predict, via_posterior):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
     for bad in (0.0, -1.0, float("nan"), float("inf"), "0.1", True):
         with pytest.raises(ValueError, match="noise must be a finite number > 0"):
             post.predict(xs, noise=bad)
@@ -287,7 +289,8 @@ def test_with_damping_equals_a_fresh_adapt(delta, rng):
     draws = [p.sample(3, generator=torch.Generator().manual_seed(5)) for p in (moved, fresh)]
     for name in draws[0]:
         torch.testing.assert_close(draws[0][name], draws[1][name], rtol=1e-9, atol=1e-10)
-    probs = [p.predict(x, num_samples=2, generator=torch.Generator().manual_seed(7)) for p in (moved, fresh)]
+    probs = [p.predict(x, pred_type="nn", num_samples=2, generator=torch.Generator().manual_seed(7))
+             for p in (moved, fresh)]
     torch.testing.assert_close(probs[0], probs[1], rtol=1e-9, atol=1e-10)
     V = [torch.randn(2, *m.shape[1:], generator=rng, dtype=DT) for m in base.mean()]
     for a, b in zip(moved.curvature.solve(V), fresh.curvature.solve(V)):
