@@ -1,7 +1,8 @@
-"""Argument checks shared by meta_step and adapt: choices, non-negative numbers, the prior
-precision (damping) and targets that fit the network's output."""
+"""Argument checks shared by meta_step and adapt: choices, counts, non-negative numbers, the
+prior precision (damping), non-empty task sets and targets that fit the network's output."""
 
 import math
+import operator
 
 import torch
 
@@ -14,6 +15,33 @@ def choice(value, options, name):
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def count(value, name, minimum=0):
+    """A whole number >= ``minimum``. A float is refused rather than truncated (inner_steps=1.7
+    is not 1 step), and so is a bool (True is not a step count)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)   # int, numpy and 0-dim integer torch scalars
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def nonempty_sets(support_x, query_x, prefix=""):
+    """At least one task and one support and query example per task: the meta-loss is a mean
+    over tasks, the inner loop's and the query loss means over examples, so an empty set
+    would divide by zero or give a NaN meta-loss."""
+    if support_x.shape[0] == 0:
+        raise ValueError(f"{prefix}support_x holds no tasks (T=0, shape {tuple(support_x.shape)}): "
+                         "a batch needs at least one task")
+    for x, name, what in ((support_x, "support_x", "support (K)"), (query_x, "query_x", "query (Q)")):
+        if x.shape[1] == 0:
+            raise ValueError(f"{prefix}{name} has no {what} examples per task (shape {tuple(x.shape)}): "
+                             "each task needs at least one")
 
 
 def nonnegative(value, name):

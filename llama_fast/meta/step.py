@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .checks import (ALGORITHMS, BACKENDS, CURVATURE_SETS, check_damping, check_targets, choice,
+from .checks import (ALGORITHMS, BACKENDS, CURVATURE_SETS, check_damping, check_targets, choice, count,
                      nonnegative)
 from .factors import curvature_factors, curvature_logdet, mc_noise
 from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model, task_loss
@@ -74,9 +74,7 @@ def _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fishe
     choice(backend, BACKENDS, "backend")
     if inner_lr is None:
         raise ValueError("inner_lr is required")
-    inner_steps = int(inner_steps)
-    if inner_steps < 0:
-        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    inner_steps = count(inner_steps, "inner_steps")
     llama = algorithm == "llama"
     if int(mc_samples) < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")

@@ -1,8 +1,11 @@
-"""The task batch and result types of the meta layer (a leaf module: torch only)."""
+"""The task batch and result types of the meta layer (a leaf module: torch and the argument
+checks only)."""
 
 from dataclasses import dataclass
 
 import torch
+
+from .checks import nonempty_sets
 
 __all__ = ["TaskBatch", "MetaStepResult", "local_means"]
 
@@ -37,6 +40,7 @@ class TaskBatch:
             if getattr(self, name).shape[0] != T:
                 raise ValueError(f"TaskBatch.{name} has T={getattr(self, name).shape[0]} tasks "
                                  f"but support_x has T={T}")
+        nonempty_sets(self.support_x, self.query_x, prefix="TaskBatch.")
         for x, y, xn, yn in ((self.support_x, self.support_y, *names[:2]),
                              (self.query_x, self.query_y, *names[2:])):
             if y.shape[1] != x.shape[1]:

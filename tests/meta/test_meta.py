@@ -325,6 +325,53 @@ def test_taskbatch_errors(rng):
     assert batch.support_y.dtype == torch.int64 and batch.tasks == 3
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "llama"])
+def test_empty_task_sets_are_errors_naming_the_set(algorithm, rng):
+    """T=0 (IndexError), K=0 (ZeroDivisionError) and Q=0 (a NaN meta-loss that still stepped)
+    are ValueErrors naming the empty set, from TaskBatch, before any step; adapt likewise."""
+    net = lf.models.mlp().to(DT)
+    full = sinusoid_batch(3, 4, 5, rng)
+    cases = {"support_x holds no tasks": [t[:0] for t in dataclasses.astuple(full)],
+             "support_x has no support": [full.support_x[:, :0], full.support_y[:, :0], full.query_x, full.query_y],
+             "query_x has no query": [full.support_x, full.support_y, full.query_x[:, :0], full.query_y[:, :0]]}
+    before = [p.detach().clone() for p in net.parameters()]
+    extra = dict(eta=1e-3, damping=1.0) if algorithm == "llama" else {}
+    for match, tensors in cases.items():
+        with pytest.raises(ValueError, match=f"TaskBatch.{match}"):
+            batch = lf.TaskBatch(*tensors)
+            lf.meta_step(net, batch, torch.optim.SGD(net.parameters(), lr=0.1), algorithm=algorithm,
+                         loss="mse", inner_lr=0.01, **extra)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    for match, (sx, sy) in (("no tasks", (full.support_x[:0], full.support_y[:0])),
+                            ("no support", (full.support_x[:, :0], full.support_y[:, :0]))):
+        with pytest.raises(ValueError, match=match):
+            lf.adapt(net, sx, sy, loss="mse", inner_lr=0.01, damping=1.0)
+
+
+@pytest.mark.parametrize("steps", [1.7, 2.0, True, "2", None])
+def test_inner_steps_must_be_an_integer(steps, rng):
+    """inner_steps=1.7 ran 1 step; a float, a bool or a string is refused, an integer scalar
+    of numpy or torch is fine."""
+    net = lf.models.mlp().to(DT)
+    batch = sinusoid_batch(2, 3, 3, rng)
+    with pytest.raises(ValueError, match=f"inner_steps must be an integer, got {steps!r}"):
+        lf.meta_step(net, batch, torch.optim.SGD(net.parameters(), lr=0.1), algorithm="maml", loss="mse",
+                     inner_lr=0.01, inner_steps=steps)
+
+
+def test_integer_scalars_are_step_counts(rng):
+    import numpy as np
+
+    net = lf.models.mlp().to(DT)
+    batch = sinusoid_batch(2, 3, 3, rng)
+    losses = [lf.meta_step(net, batch, torch.optim.SGD(net.parameters(), lr=0.0), algorithm="maml", loss="mse",
+                           inner_lr=0.01, inner_steps=steps).meta_loss for steps in (2, np.int64(2), torch.tensor(2))]
+    assert losses[0] == losses[1] == losses[2]
+    with pytest.raises(ValueError, match="inner_steps must be >= 0, got -1"):
+        lf.meta_step(net, batch, torch.optim.SGD(net.parameters(), lr=0.0), algorithm="maml", loss="mse",
+                     inner_lr=0.01, inner_steps=-1)
+
+
 def _step(model, batch, **kwargs):
     opts = dict(algorithm="llama", loss="cross_entropy", inner_lr=0.1, eta=0.1, damping=0.5)
     opts.update(kwargs)
