@@ -89,7 +89,11 @@ def extension():
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=pip_cuda_includes(),
         define_macros=[("LLAMA_FAST_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        # -Xptxas -v prints each kernel's registers, shared memory and spills into the build
+        # log, which scripts/check_ptxas.py reads: the guard against spills and launch
+        # configurations that cannot fit an SM, checked without a GPU.
+        extra_compile_args={"cxx": cxx_flags,
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-Xptxas", "-v"]},
         extra_link_args=link_flags,
     )
 

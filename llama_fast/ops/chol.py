@@ -28,6 +28,10 @@ def chol_logdet(M: torch.Tensor, *, check: bool = False) -> torch.Tensor:
     _checks.check_tensor(M, "M")
     if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
         raise ValueError(f"M must have shape [..., d, d] (square), got {tuple(M.shape)}")
+    if M.shape[-1] == 0:
+        # log det of a 0 x 0 matrix is 0 (an empty product), as torch.linalg.slogdet; the
+        # empty sum keeps the result on M's graph (the op's [-1, d, d] view is undefined here).
+        return M.sum((-2, -1))
     logdet, _, info = torch.ops.llama_fast.chol_logdet(M)
     if check and bool((info != 0).any()):
         raise ValueError(f"M is not positive definite ({int((info != 0).sum())} matrices)")

@@ -50,6 +50,10 @@ def sym_eig(M: torch.Tensor, *, check: bool = False):
         _check_input(M)
         _checks.check_finite(M, "M")
         _checks.check_symmetric(M, "M")
+    if M.dim() >= 2 and M.shape[-2:] == (0, 0) and M.dtype in _FLOAT_TYPES:
+        # 0 x 0 matrices: no eigenvalues, as torch.linalg.eigh (the op's [-1, d, d] view of
+        # the batch is undefined for d = 0); both outputs stay attached to M's graph.
+        return M.sum(-1), M.clone()
     if M.dim() >= 2 and M.shape[-2:] == (1, 1) and M.dtype in _FLOAT_TYPES:
         # A 1 x 1 matrix is its own eigenvalue, with eigenvector 1 (the op call's fixed cost
         # is all of the time at this size); differentiable like eigh (d w = d M).

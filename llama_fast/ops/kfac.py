@@ -90,7 +90,8 @@ def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finit
         g: pre-activation output gradients ``[T, M, o]``, or a list of them.
         bias: whether each layer has a bias (bool, or one per layer).
         a_scale: scale of A; ``None`` means ``1/N`` of that layer (float or one per layer).
-        g_scale: scale of G (float or one per layer).
+        g_scale: scale of G (float or one per layer). A scale may be a 0-dim tensor; one that
+            requires grad gets its gradient (``low_rank=False`` only; ``ValueError`` otherwise).
         check_finite: raise ``ValueError`` if an input holds NaN or Inf (one host sync).
         low_rank: hand over every A built from fewer rows than its width (N < i + bias), and
             every G built from fewer rows than its width (M < o), as a
@@ -107,6 +108,11 @@ def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finit
         return [], []
     if check_finite:
         _check_layers(a_list, g_list, check_finite)
+    grad_scales = _grad_scales(a_scale, g_scale, len(a_list), low_rank)
+    if grad_scales is not None:
+        A, G = kfac_factors(a_list, g_list, bias, *grad_scales[:2])
+        A, G = ([x if t is None else t * x for x, t in zip(F, ts)] for F, ts in zip((A, G), grad_scales[2:]))
+        return (A[0], G[0]) if single else (A, G)
     try:
         A, G = _grouped_factors(a_list, g_list, bias, a_scale, g_scale, low_rank)
     except (RuntimeError, TypeError, AttributeError, IndexError, ZeroDivisionError):
@@ -115,6 +121,25 @@ def kfac_factors(a, g=None, bias=True, a_scale=None, g_scale=1.0, *, check_finit
         _check_layers(a_list, g_list, False)
         raise
     return (A[0], G[0]) if single else (A, G)
+
+
+def _grad_scales(a_scale, g_scale, layers, low_rank):
+    """None, unless a scale is a tensor that requires grad: then the op runs with scale 1 there
+    (it takes floats) and the factor is multiplied by the tensor afterwards, so the gradient
+    reaches it. Returns (a_scales, g_scales for the op, a_tensors, g_tensors), per layer."""
+    a_scales = _checks.per_layer(a_scale, layers, "a_scale")
+    g_scales = _checks.per_layer(g_scale, layers, "g_scale")
+    a_tensors = [_checks.scale_tensor(s, "a_scale") for s in a_scales]
+    g_tensors = [_checks.scale_tensor(s, "g_scale") for s in g_scales]
+    if all(t is None for t in a_tensors + g_tensors):
+        return None
+    if low_rank:
+        raise ValueError("a_scale and g_scale tensors that require grad need low_rank=False: a "
+                         "LowRankFactor holds its scale as a float")
+    # An A scale of None means 1/N; a tensor one replaces it, so its op scale is 1.
+    a_op = [1.0 if t is not None else s for s, t in zip(a_scales, a_tensors)]
+    g_op = [1.0 if t is not None else s for s, t in zip(g_scales, g_tensors)]
+    return a_op, g_op, a_tensors, g_tensors
 
 
 def _grouped_factors(a_list, g_list, bias, a_scale, g_scale, low_rank):

@@ -89,3 +89,13 @@ def test_double_backward_raises(device, rng):
 def test_empty_batch(device):
     logdet, L, info = torch.ops.llama_fast.chol_logdet(torch.empty(0, 4, 4, device=device))
     assert logdet.shape == (0,) and L.shape == (0, 4, 4) and info.shape == (0,)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (3, 0, 0)])
+def test_zero_by_zero_matrices_have_log_det_zero(shape, device):
+    """log det of a 0 x 0 matrix is 0, as torch.linalg.slogdet (a reshape error before)."""
+    M = torch.zeros(shape, dtype=torch.float64, device=device, requires_grad=True)
+    logdet = lf.chol_logdet(M, check=True)
+    torch.testing.assert_close(logdet, torch.linalg.slogdet(M.detach()).logabsdet)
+    logdet.sum().backward()
+    assert M.grad.shape == M.shape

@@ -278,3 +278,15 @@ def test_bad_input(device):
         lf.sym_eig(torch.tensor([[1.0, 2.0], [0.0, 1.0]], device=device), check=True)
     with pytest.raises(RuntimeError, match="square"):
         torch.ops.llama_fast.sym_eig(torch.randn(2, 3, device=device))
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (3, 0, 0), (2, 0, 0, 0)])
+def test_zero_by_zero_matrices_match_eigh(shape, device):
+    """0 x 0 matrices have no eigenvalues (torch.linalg.eigh's answer); the op's batch view
+    failed on them with a reshape error. check=True accepts them too."""
+    M = torch.zeros(shape, dtype=torch.float64, device=device, requires_grad=True)
+    evals, evecs = lf.sym_eig(M, check=True)
+    want = torch.linalg.eigh(M.detach())
+    assert evals.shape == want.eigenvalues.shape and evecs.shape == want.eigenvectors.shape
+    (evals.sum() + evecs.sum()).backward()
+    assert M.grad.shape == M.shape

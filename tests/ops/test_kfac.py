@@ -271,3 +271,19 @@ def test_cuda_current_stream(rng):
         for x, y in zip(A + G, A_ref + G_ref):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("which", ["a_scale", "g_scale"])
+def test_scale_tensor_gets_its_gradient(which, rng):
+    """A scale tensor that requires grad was turned into a float (torch warned, no gradient):
+    the factor now depends on it (gradcheck); with low_rank=True it is a clear error."""
+    a = torch.randn(2, 5, 3, generator=rng, dtype=torch.float64)
+    g = torch.randn(2, 5, 2, generator=rng, dtype=torch.float64)
+    s = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda s: lf.kfac_factors(a, g, **{which: s}), (s,))
+    for got, want in zip(lf.kfac_factors([a, a], [g, g], **{which: [s, 0.5]}),
+                         lf.kfac_factors([a, a], [g, g], **{which: [0.3, 0.5]})):
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="require grad need low_rank=False"):
+        lf.kfac_factors(a, g, low_rank=True, **{which: s})
