@@ -22,36 +22,41 @@ DAMPING_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 9))
 NOISE_GRID = tuple(10.0 ** (k / 4) for k in range(-8, 5))
 
 
-def _kfac_parameter_count(model) -> int:
-    return sum(layer_params for layer_params in (
-        sum(p.numel() for p in m.parameters(recurse=False))
-        for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))))
+def layer_evidence(post, model, grid=DAMPING_GRID) -> torch.Tensor:
+    """The prior and Occam terms of the Laplace evidence per (delta, task, K-FAC layer),
+    ``[len(grid), T, L]``: for layer l with P_l parameters,
+    ``-delta/2 ||phi_l - theta_l||^2 + P_l/2 log delta - 1/2 log det(s G_l (x) A_l + delta I)``.
+
+    The eigenvalues cached by the posterior's KronCurvature are computed once; each delta only
+    re-sums ``log(s mu lambda + delta)`` (a low-rank A or G: the eigenvalues of its dual Gram
+    matrix; the pairs it leaves out hold an exact zero and add log(delta) each). Layers are
+    independent given delta_l, so a per-layer choice maximises each layer's column.
+    """
+    theta = dict(model.named_parameters())
+    curv = post.curvature
+    columns = []
+    for l, layer in enumerate(post.spec.layers):
+        keys = [k for k in (layer.weight, layer.bias) if k is not None]
+        sq_dist = sum(((post.params[k] - theta[k].detach()) ** 2).flatten(1).sum(1) for k in keys).double()
+        count = sum(theta[k].numel() for k in keys)
+        products = (curv.scale * (curv.evals_G[l].clamp_min(0).unsqueeze(-1)
+                                  * curv.evals_A[l].clamp_min(0).unsqueeze(-2)).flatten(1)).double()
+        null = curv.null_pairs(l)
+        columns.append(torch.stack([
+            -0.5 * delta * sq_dist + 0.5 * count * math.log(delta)
+            - 0.5 * (torch.log(products + delta).sum(1) + null * math.log(delta))
+            for delta in grid]))
+    return torch.stack(columns, -1)
 
 
 def laplace_evidence(post, model, support_y_nll, grid=DAMPING_GRID) -> torch.Tensor:
-    """Laplace log marginal likelihood per (delta, task), ``[len(grid), T]``.
+    """Laplace log marginal likelihood per (delta, task), ``[len(grid), T]``, one delta for
+    every layer.
 
     ``log Z(delta) = log p(D|phi) - delta/2 ||phi - theta||^2 + P/2 log delta - 1/2 log det H``
     with ``H = s G (x) A + delta I`` over the P K-FAC parameters (the 2 pi terms cancel).
-    The eigenvalues of every factor are computed once; each delta only re-sums
-    ``log(s mu lambda + delta)``.
     """
-    theta = dict(model.named_parameters())
-    sq_dist = sum(((post.params[k] - theta[k].detach()) ** 2).flatten(1).sum(1) for k in post.params)
-    P = _kfac_parameter_count(model)
-    # The eigenvalues cached by the posterior's KronCurvature (a low-rank A or G: those of its
-    # dual Gram matrix, the other pairs hold an exact zero and add log(delta) each).
-    curv = post.curvature
-    products = [curv.scale * (mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)).flatten(1)
-                for lam, mu in zip(curv.evals_A, curv.evals_G)]
-    null_pairs = curv._null_pairs()
-    rows = []
-    for delta in grid:
-        logdet = (sum(torch.log(p.double() + delta).sum(1) for p in products)
-                  + null_pairs * math.log(delta))
-        rows.append(-support_y_nll.double() - 0.5 * delta * sq_dist.double() + 0.5 * P * math.log(delta)
-                    - 0.5 * logdet)
-    return torch.stack(rows)
+    return -support_y_nll.double() + layer_evidence(post, model, grid).sum(-1)
 
 
 def _summed_nll(post, x, y, loss) -> torch.Tensor:

@@ -52,14 +52,22 @@ def nonnegative(value, name):
 
 
 def check_damping(damping, tasks):
-    """damping > 0: a float, or a tensor [T] (or 0-dim) of positive values."""
+    """damping > 0: a float, a tensor [T] (or 0-dim), or per K-FAC layer a sequence of L floats
+    or a tensor [T, L] (the layer count is checked where the curvature is built). Returns a
+    float, a tuple of floats or a tensor."""
     if damping is None:
         raise ValueError("damping (the prior precision delta > 0) is required for the curvature")
+    if isinstance(damping, (list, tuple)):
+        values = tuple(float(x) for x in damping)
+        if not values or not all(math.isfinite(x) and x > 0 for x in values):
+            raise ValueError(f"damping per layer must be a non-empty sequence of positive finite floats, got {damping!r}")
+        return values
     if isinstance(damping, torch.Tensor):
         if damping.dim() == 0:
             damping = damping.expand(tasks)
-        if damping.shape != (tasks,):
-            raise ValueError(f"damping must be a float or a tensor of shape [T={tasks}], got {tuple(damping.shape)}")
+        if damping.dim() not in (1, 2) or damping.shape[0] != tasks:
+            raise ValueError(f"damping must be a float, a sequence of floats (per layer) or a tensor of "
+                             f"shape [T={tasks}] or [T={tasks}, L], got {tuple(damping.shape)}")
         if not bool(((damping > 0) & torch.isfinite(damping)).all()):
             raise ValueError("damping must be positive and finite")
         return damping
@@ -67,6 +75,23 @@ def check_damping(damping, tasks):
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"damping must be positive and finite, got {value}")
     return value
+
+
+def damping_per_layer(damping, tasks, layers, like):
+    """The damping as a tensor [T, L] (a per-layer or per-task one broadcast)."""
+    if isinstance(damping, tuple):
+        if len(damping) != layers:
+            raise ValueError(f"damping per layer needs one delta per K-FAC layer ({layers}), got {len(damping)}")
+        return torch.tensor(damping, dtype=like.dtype, device=like.device).expand(tasks, layers)
+    if isinstance(damping, torch.Tensor):
+        if damping.dim() == 2 and damping.shape[1] != layers:
+            raise ValueError(f"damping [T, L] needs L = {layers} K-FAC layers, got {tuple(damping.shape)}")
+        return (damping if damping.dim() == 2 else damping[:, None]).to(like).expand(tasks, layers)
+    return torch.full((tasks, layers), float(damping), dtype=like.dtype, device=like.device)
+
+
+def is_per_layer(damping) -> bool:
+    return isinstance(damping, tuple) or (isinstance(damping, torch.Tensor) and damping.dim() == 2)
 
 
 def check_targets(y, out_shape, loss, name):

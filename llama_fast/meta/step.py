@@ -29,7 +29,7 @@ import time
 import torch
 
 from .checks import (ALGORITHMS, BACKENDS, CURVATURE_SETS, check_damping, check_targets, choice, count,
-                     nonnegative)
+                     damping_per_layer, nonnegative)
 from .factors import curvature_factors, curvature_logdet, mc_noise
 from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model, task_loss
 from .tasks import call_tasks, resolve_task_chunk, split_params, task_spans
@@ -118,9 +118,15 @@ def _task_function(net, theta, rest, cfg, layer_shapes, prior_term):
             accuracy = (q_out.detach().argmax(-1) == qy).to(q_out.dtype).mean()
         else:
             accuracy = q_loss.new_zeros(())
-        sq_dist = sum(((phi[k] - theta[k]) ** 2).sum() for k in phi) if prior_term else q_loss.new_zeros(())
+        sq_dist = _layer_sq_dist(net.spec, phi, theta) if prior_term else q_loss.new_zeros(())
         return q_loss, accuracy, a, g, sq_dist
     return one_task
+
+
+def _layer_sq_dist(spec, phi, theta):
+    """||phi_l - theta_l||^2 per K-FAC layer (weight and bias), [L]."""
+    return torch.stack([sum(((phi[k] - theta[k]) ** 2).sum() for k in (layer.weight, layer.bias) if k is not None)
+                        for layer in spec.layers])
 
 
 def _call_chunk(one_task, in_dims, inputs, span, cfg, biases, clock):
@@ -184,7 +190,8 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
         clock.lap("curvature")
     objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet
     if prior_term:
-        objective = objective + 0.5 * cfg["damping"] * sq_dist
+        delta = damping_per_layer(cfg["damping"], batch.tasks, len(spec.layers), sq_dist)
+        objective = objective + 0.5 * (delta * sq_dist).sum(-1)
     meta_loss = objective.mean()
     result = MetaStepResult(
         meta_loss=meta_loss.detach(), query_loss=q_loss.detach(),
@@ -212,7 +219,8 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
             nll (see llama_fast.meta.functional).
         inner_lr, inner_steps: the inner loop ``phi <- phi - inner_lr * grad mean_loss``.
         eta: weight of the log-det term (>= 0), LLAMA only.
-        damping: prior precision delta > 0 (float or [T] tensor), LLAMA and prior_term.
+        damping: prior precision delta > 0, LLAMA and prior_term: a float or a tensor [T], or
+            per K-FAC layer a sequence of L floats or a tensor [T, L].
         scale: likelihood scale s of ``H = s * G (x) A + delta * I``.
         fisher: "exact" (GGN), "mc" (``mc_samples`` sampled labels, drawn with ``generator``)
             or "empirical".

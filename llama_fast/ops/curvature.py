@@ -39,13 +39,25 @@ __all__ = ["KronCurvature"]
 MODES = ("exact",)
 
 
-def _damping_tensor(damping, tasks, like, check):
+def _damping_tensor(damping, tasks, layers, like, check):
+    """The damping as a tensor: ``[T]`` (one delta per task, shared by the layers) or
+    ``[T, L]`` (per layer) from a float, a tensor ``[]``, ``[T]`` or ``[T, L]``, or a sequence
+    of L floats (one per layer)."""
+    if isinstance(damping, (list, tuple)):
+        if len(damping) != layers:
+            raise ValueError(f"damping as a sequence gives one delta per layer: expected {layers} "
+                             f"values, got {len(damping)}")
+        values = [float(x) for x in damping]
+        if not all(math.isfinite(x) and x > 0 for x in values):
+            raise ValueError(f"damping must be positive and finite, got {values}")
+        return torch.tensor(values, dtype=like.dtype, device=like.device).expand(tasks, layers)
     if isinstance(damping, torch.Tensor):
         _checks.check_tensor(damping, "damping")
         if damping.dim() == 0:
             damping = damping.expand(tasks)
-        if damping.shape != (tasks,):
-            raise ValueError(f"damping must be a float or a tensor of shape [T={tasks}], got {tuple(damping.shape)}")
+        if damping.shape not in ((tasks,), (tasks, layers)):
+            raise ValueError(f"damping must be a float, a sequence of {layers} floats (per layer) or a "
+                             f"tensor of shape [T={tasks}] or [T={tasks}, L={layers}], got {tuple(damping.shape)}")
         if damping.dtype != like.dtype or damping.device != like.device:
             raise ValueError(f"damping must have the factors' dtype {like.dtype} and device {like.device}, "
                              f"got {damping.dtype} on {damping.device}")
@@ -56,6 +68,11 @@ def _damping_tensor(damping, tasks, like, check):
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"damping must be positive and finite, got {value}")
     return torch.full((tasks,), value, dtype=like.dtype, device=like.device)
+
+
+def layer_damping(damping, l):
+    """Layer l's delta ``[T]`` from a damping ``[T]`` or ``[T, L]``."""
+    return damping if damping.dim() == 1 else damping[:, l]
 
 
 def _check_factors(A_list, G_list, check):
@@ -99,7 +116,7 @@ def prepare_factors(A, G, damping, scale, check):
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be positive and finite, got {scale}")
     like = A_list[0].rows if isinstance(A_list[0], LowRankFactor) else A_list[0]
-    return A_list, G_list, tasks, _damping_tensor(damping, tasks, like, check), scale
+    return A_list, G_list, tasks, _damping_tensor(damping, tasks, len(A_list), like, check), scale
 
 
 class KronCurvature:
@@ -108,7 +125,8 @@ class KronCurvature:
     Args:
         A, G: factors as for :func:`llama_fast.kron_logdet` (tensors ``[T, d, d]``, lists of
             them, a list of ``(A, G)`` pairs; an ``A`` or ``G`` may be a ``LowRankFactor``).
-        damping: ``delta > 0``: a float or a per-task tensor ``[T]``.
+        damping: ``delta > 0``: a float, a per-task tensor ``[T]``, or per layer: a sequence
+            of L floats or a tensor ``[T, L]`` (``H_l`` then has ``delta_l``).
         scale: ``s > 0``.
         mode: "exact".
         check: validate symmetry, finiteness and damping positivity (syncs with the host).
@@ -116,7 +134,7 @@ class KronCurvature:
     Attributes:
         evals_A, evecs_A, evals_G, evecs_G: per-layer eigendecompositions (ascending), detached.
             For a low-rank factor they are those of its dual Gram matrix ``[T, N, N]``.
-        damping: the per-task damping tensor ``[T]``.
+        damping: the damping tensor, ``[T]`` or (per layer) ``[T, L]``.
     """
 
     def __init__(self, A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False):
@@ -126,15 +144,30 @@ class KronCurvature:
         A_list, G_list, self.tasks, self.damping, self.scale = prepare_factors(A, G, damping, scale, check)
         self.factors_A, self.factors_G = A_list, G_list
         dense_A, dense_G = ([x.dual() if isinstance(x, LowRankFactor) else x for x in xs] for xs in (A_list, G_list))
-        out = torch.ops.llama_fast.kron_logdet_exact(dense_A, dense_G, self.damping, self.scale)
-        self._logdet = out[0] + self._null_pairs() * torch.log(self.damping)
-        self.evals_A, self.evecs_A, self.evals_G, self.evecs_G = (list(x) for x in out[1:])
+        if self.damping.dim() == 1:
+            out = torch.ops.llama_fast.kron_logdet_exact(dense_A, dense_G, self.damping, self.scale)
+            logdet, decompositions = out[0], out[1:]
+        else:   # per-layer deltas: one call per layer (the op takes one delta per task)
+            outs = [torch.ops.llama_fast.kron_logdet_exact([A], [G], self.damping[:, l], self.scale)
+                    for l, (A, G) in enumerate(zip(dense_A, dense_G))]
+            logdet = sum(out[0] for out in outs)
+            decompositions = [[out[k][0] for out in outs] for k in range(1, 5)]
+        self._logdet = logdet + self._null_logdet(self.damping)
+        self.evals_A, self.evecs_A, self.evals_G, self.evecs_G = (list(x) for x in decompositions)
 
-    def _null_pairs(self) -> int:
-        """Eigenvalue pairs (lambda, mu) that low-rank factors leave out: one of them is an exact
-        zero there, so each contributes log(delta)."""
-        return sum(A.shape[-1] * G.shape[-1] - _rank(A) * _rank(G)
-                   for A, G in zip(self.factors_A, self.factors_G))
+    def null_pairs(self, l) -> int:
+        """Eigenvalue pairs (lambda, mu) of layer l that a low-rank factor leaves out: one of
+        them is an exact zero there, so each contributes log(delta_l)."""
+        A, G = self.factors_A[l], self.factors_G[l]
+        return A.shape[-1] * G.shape[-1] - _rank(A) * _rank(G)
+
+    def _null_logdet(self, damping):
+        """sum_l null_pairs(l) * log(delta_l), [T]."""
+        total = 0
+        for l in range(self.layers):
+            if self.null_pairs(l):
+                total = total + self.null_pairs(l) * torch.log(layer_damping(damping, l))
+        return total
 
     @property
     def layers(self) -> int:
@@ -145,14 +178,15 @@ class KronCurvature:
         return self._logdet
 
     def with_damping(self, damping) -> "KronCurvature":
-        """The same curvature with another ``delta`` (a float or a per-task tensor ``[T]``).
+        """The same curvature with another ``delta`` (any form the constructor takes).
 
         No eigendecomposition is redone: the copy shares the cached eigenbases (they do not
         depend on delta), so trying a grid of deltas costs one decomposition. Its log-det is
         re-summed from the cached eigenvalues and is a constant (no gradient to the factors);
         build a new ``KronCurvature`` where that gradient is needed.
         """
-        return self._with(_damping_tensor(damping, self.tasks, self.evals_G[0], check=True), self.scale)
+        return self._with(_damping_tensor(damping, self.tasks, self.layers, self.evals_G[0], check=True),
+                          self.scale)
 
     def with_scale(self, scale) -> "KronCurvature":
         """The same curvature with another ``s`` (e.g. ``1 / sigma^2`` for a refitted Gaussian
@@ -164,8 +198,12 @@ class KronCurvature:
         other.damping, other.scale = damping, scale
         evals_A = [lam.detach() for lam in self.evals_A]
         evals_G = [mu.detach() for mu in self.evals_G]
-        other._logdet = (torch.ops.llama_fast.kron_logdet_from_eigs(evals_A, evals_G, damping, scale)
-                         + self._null_pairs() * torch.log(damping))
+        if damping.dim() == 1:
+            logdet = torch.ops.llama_fast.kron_logdet_from_eigs(evals_A, evals_G, damping, scale)
+        else:
+            logdet = sum(torch.ops.llama_fast.kron_logdet_from_eigs([lam], [mu], damping[:, l], scale)
+                         for l, (lam, mu) in enumerate(zip(evals_A, evals_G)))
+        other._logdet = logdet + self._null_logdet(damping)
         # The low-rank bases depend on neither: one cache for both (filled by either).
         other.__dict__["_basis_cache"] = self.__dict__.setdefault("_basis_cache", {})
         return other
@@ -266,21 +304,7 @@ class KronCurvature:
                 raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
             if generator.device.type != self.device.type:
                 raise ValueError(f"generator is on {generator.device} but the factors are on {self.device}")
-        evals_A, evals_G, null_layers, null_A, null_G = [], [], [], [], []
-        for l in range(self.layers):
-            (_, lam), (_, mu) = self._basis(l, "A"), self._basis(l, "G")
-            evals_A.append(lam)
-            evals_G.append(mu)
-            if any(self._low_rank(l)):
-                # Extra op entries with zero eigenvalues: normals scaled by delta^(-1/2) for
-                # the directions outside span(V_G) (x) span(V_A).
-                null_layers.append(l)
-                o, i = self.layer_shape(l)
-                null_A.append(mu.new_zeros(self.tasks, i))
-                null_G.append(mu.new_zeros(self.tasks, o))
-        Z = torch.ops.llama_fast.kron_scaled_normal(
-            evals_A + null_A, evals_G + null_G, self.damping.detach(), self.scale, S, generator)
-        Z_null = dict(zip(null_layers, Z[self.layers:]))
+        Z, Z_null = self._scaled_normals(S, generator)
         out = []
         for l in range(self.layers):
             (V_A, _), (V_G, _) = self._basis(l, "A"), self._basis(l, "G")
@@ -303,7 +327,7 @@ class KronCurvature:
 
     # ---- the function-space covariance of a linearised predictive -----------------------------
 
-    def jacobian_coordinates(self, a, g):
+    def jacobian_coordinates(self, a, g, tasks=None):
         """The network Jacobians of M inputs' K outputs in the cached eigenbases, per layer.
 
         Args:
@@ -319,11 +343,17 @@ class KronCurvature:
             sum_r g_k,r a_r^T``), and ``[L, T, M, K, K]`` Gram matrices of the Jacobians'
             parts outside the bases of low-rank factors (None if every factor is dense). They
             do not depend on delta or s: :meth:`functional_covariance` reuses them for any.
+
+        ``tasks``: a ``slice`` of this curvature's tasks that the rows belong to (their T is
+        its length), so that the tasks can be taken a few at a time.
         """
-        a_list, g_list = self._jacobian_rows(a, g)
+        span = self._task_span(tasks)
+        a_list, g_list = self._jacobian_rows(a, g, span)
         rotated, residuals = [], []
         for l, (a_l, g_l) in enumerate(zip(a_list, g_list)):
-            Jh, R = project_rows(a_l, g_l, self._basis(l, "G"), self._basis(l, "A"), self._low_rank(l))
+            basis_G = tuple(x[span] for x in self._basis(l, "G"))
+            basis_A = tuple(x[span] for x in self._basis(l, "A"))
+            Jh, R = project_rows(a_l, g_l, basis_G, basis_A, self._low_rank(l))
             rotated.append(Jh)
             residuals.append(R)
         if all(R is None for R in residuals):
@@ -332,7 +362,8 @@ class KronCurvature:
         zero = g_list[0].new_zeros(T, M, K, K)
         return rotated, torch.stack([zero if R is None else R for R in residuals])
 
-    def functional_covariance(self, a=None, g=None, *, coordinates=None, damping_grid=None, scale=None):
+    def functional_covariance(self, a=None, g=None, *, coordinates=None, damping_grid=None, scale=None,
+                              tasks=None):
         """``J H^-1 J^T`` per task and input: the covariance of the linearised network's K
         outputs under the posterior ``N(mean, H^-1)``.
 
@@ -347,26 +378,39 @@ class KronCurvature:
                 (per layer).
             scale: another ``s`` (default: this curvature's), e.g. ``1 / sigma^2`` for a
                 refitted Gaussian noise.
+            tasks: a ``slice`` of the tasks the rows (or coordinates) belong to; default all.
 
         Returns:
             ``[T, M, K, K]`` (``[D, T, M, K, K]`` with ``damping_grid``); differentiable with
             respect to the rows and the damping (the eigenbases are constants).
         """
+        span = self._task_span(tasks)
         if coordinates is None:
-            rotated, residual = self.jacobian_coordinates(a, g)
+            rotated, residual = self.jacobian_coordinates(a, g, span)
         elif a is not None or g is not None:
             raise ValueError("pass either the rows a, g or coordinates, not both")
         else:
             rotated, residual = coordinates
         scale = self.scale if scale is None else _positive_scale(scale)
-        damping = self._damping_grid(damping_grid)
-        evals_G = [self._basis(l, "G")[1] for l in range(self.layers)]
-        evals_A = [self._basis(l, "A")[1] for l in range(self.layers)]
+        damping = self._damping_grid(damping_grid)[:, span]
+        evals_G = [self._basis(l, "G")[1][span] for l in range(self.layers)]
+        evals_A = [self._basis(l, "A")[1][span] for l in range(self.layers)]
         out = torch.ops.llama_fast.functional_covariance(rotated, evals_G, evals_A, residual, damping, scale)
         return out[0] if damping_grid is None else out
 
-    def _jacobian_rows(self, a, g):
-        """Validated per-layer lists of a [T, M, R, i'] and g [T, M, K, R, o] (one M, K)."""
+    def _task_span(self, tasks):
+        if tasks is None:
+            return slice(0, self.tasks)
+        if not isinstance(tasks, slice) or tasks.step not in (None, 1):
+            raise TypeError(f"tasks must be a slice of consecutive tasks, got {tasks!r}")
+        start, stop, _ = tasks.indices(self.tasks)
+        if stop <= start:
+            raise ValueError(f"tasks selects no task of the curvature's {self.tasks}: {tasks!r}")
+        return slice(start, stop)
+
+    def _jacobian_rows(self, a, g, span):
+        """Validated per-layer lists of a [T, M, R, i'] and g [T, M, K, R, o] (one M, K; T the
+        span's tasks)."""
         single = isinstance(a, torch.Tensor)
         a_list, g_list = ([a], [g]) if single else (a, g)
         for x, name in ((a_list, "a"), (g_list, "g")):
@@ -381,7 +425,7 @@ class KronCurvature:
             o, i = self.layer_shape(l)
             M = a_l.shape[1] if M is None else M
             K = g_l.shape[2] if K is None else K
-            T, R = self.tasks, a_l.shape[2]
+            T, R = span.stop - span.start, a_l.shape[2]
             if tuple(a_l.shape) != (T, M, R, i):
                 raise ValueError(f"{na} must have shape [T={T}, M={M}, R, i'={i}] (layer {l}: A is "
                                  f"{i} x {i}, bias column included), got {tuple(a_l.shape)}")
@@ -399,7 +443,8 @@ class KronCurvature:
         """The op's damping ``[D, T, L]``: this curvature's (D = 1) or a validated grid."""
         T, L = self.tasks, self.layers
         if grid is None:
-            return self.damping.detach()[None, :, None].expand(1, T, L)
+            delta = self.damping.detach()
+            return (delta[:, None] if delta.dim() == 1 else delta).expand(T, L).unsqueeze(0)
         if not isinstance(grid, torch.Tensor):
             if not isinstance(grid, (list, tuple)) or not grid:
                 raise TypeError(f"damping_grid must be a non-empty sequence of floats or a tensor, "
@@ -420,10 +465,39 @@ class KronCurvature:
             raise ValueError("damping_grid must be positive and finite")
         return grid.expand(grid.shape[0], T, L)
 
-    def _eig_denominator(self, mu, lam):
-        """s * mu lambda^T + delta, [T, o, a] (negative round-off clamped to 0)."""
-        return (self.scale * mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2)
-                + self.damping.detach()[:, None, None])
+    def _scaled_normals(self, S, generator):
+        """Per layer the eigenbasis coordinates ``Z * (s mu lambda^T + delta)^(-1/2)``
+        ``[S, T, o, a]``, and for layers with a low-rank factor, normals ``[S, T, o, i']``
+        scaled by ``delta^(-1/2)`` for the directions outside span(V_G) (x) span(V_A): one op
+        call for all layers (one per layer for per-layer deltas)."""
+        groups = [list(range(self.layers))] if self.damping.dim() == 1 else [[l] for l in range(self.layers)]
+        Z, Z_null = {}, {}
+        for layers in groups:
+            evals_A, evals_G, null_layers, null_A, null_G = [], [], [], [], []
+            for l in layers:
+                (_, lam), (_, mu) = self._basis(l, "A"), self._basis(l, "G")
+                evals_A.append(lam)
+                evals_G.append(mu)
+                if any(self._low_rank(l)):
+                    # Extra op entries with zero eigenvalues: normals scaled by delta^(-1/2).
+                    null_layers.append(l)
+                    o, i = self.layer_shape(l)
+                    null_A.append(mu.new_zeros(self.tasks, i))
+                    null_G.append(mu.new_zeros(self.tasks, o))
+            delta = layer_damping(self.damping, layers[0]) if len(layers) == 1 else self.damping
+            out = torch.ops.llama_fast.kron_scaled_normal(
+                evals_A + null_A, evals_G + null_G, delta.detach().contiguous(), self.scale, S, generator)
+            Z.update(zip(layers, out[:len(layers)]))
+            Z_null.update(zip(null_layers, out[len(layers):]))
+        return [Z[l] for l in range(self.layers)], Z_null
+
+    def _delta(self, l):
+        """Layer l's delta as ``[T, 1, 1]`` (detached)."""
+        return layer_damping(self.damping, l).detach()[:, None, None]
+
+    def _eig_denominator(self, l, mu, lam):
+        """s * mu lambda^T + delta_l, [T, o, a] (negative round-off clamped to 0)."""
+        return self.scale * mu.clamp_min(0).unsqueeze(-1) * lam.clamp_min(0).unsqueeze(-2) + self._delta(l)
 
     def solve(self, V):
         """``H^-1 v`` per layer: ``Q_G [(Q_G^T V Q_A) / (s mu lambda^T + delta)] Q_A^T``; for a
@@ -448,21 +522,21 @@ class KronCurvature:
     def _solve_layer(self, l, X4):
         B = X4.shape[0]
         (V_A, lam), (V_G, mu) = self._basis(l, "A"), self._basis(l, "G")
-        delta = self.damping.detach()[:, None, None]
+        delta = self._delta(l)
         low_A, low_G = self._low_rank(l)
         if low_G:
             # V_G [Y / denominator] V_A^T + (X - V_G Y V_A^T) / delta, Y = V_G^T X V_A
             Y = V_G.mT @ X4 @ V_A
-            return X4 / delta + V_G @ (Y / self._eig_denominator(mu, lam) - Y / delta) @ V_A.mT
+            return X4 / delta + V_G @ (Y / self._eig_denominator(l, mu, lam) - Y / delta) @ V_A.mT
         if low_A:
             Xf = _fold(X4)
             Y = torch.bmm(Xf, V_A)  # [T, B*o, N]
-            core = torch.matmul(V_G.mT, _unfold(Y, B)) / self._eig_denominator(mu, lam)
+            core = torch.matmul(V_G.mT, _unfold(Y, B)) / self._eig_denominator(l, mu, lam)
             # (X - Y V_A^T) / delta + (Q_G core) V_A^T
             R = torch.baddbmm(Xf / delta, _fold(torch.matmul(V_G, core)) - Y / delta, V_A.mT)
         else:
             core = torch.matmul(V_G.mT, _unfold(torch.bmm(_fold(X4), V_A), B))
-            R = torch.bmm(_fold(torch.matmul(V_G, core / self._eig_denominator(mu, lam))), V_A.mT)
+            R = torch.bmm(_fold(torch.matmul(V_G, core / self._eig_denominator(l, mu, lam))), V_A.mT)
         return _unfold(R, B)
 
     def _precision_layer(self, l, X4):
@@ -478,7 +552,7 @@ class KronCurvature:
             GXA = G.scale * (R.mT @ (R @ XA))
         else:
             GXA = torch.matmul(G.detach(), XA)
-        return self.scale * GXA + self.damping.detach()[:, None, None] * X4
+        return self.scale * GXA + self._delta(l) * X4
 
 
 def _positive_scale(scale) -> float:

@@ -55,9 +55,16 @@ def _layers(A, G):
 
 
 def _damping(damping, T, like):
+    """[T], or [T, L] for per-layer deltas (a sequence of floats or a [T, L] tensor)."""
+    if isinstance(damping, (list, tuple)):
+        return torch.tensor([float(x) for x in damping], dtype=like.dtype, device=like.device).expand(T, -1)
     if isinstance(damping, torch.Tensor):
-        return damping.to(like).expand(T)
+        return damping.to(like) if damping.dim() == 2 else damping.to(like).expand(T)
     return torch.full((T,), float(damping), dtype=like.dtype, device=like.device)
+
+
+def _layer(delta, l):
+    return delta if delta.dim() == 1 else delta[:, l]
 
 
 def _cholesky_logdet(M):
@@ -66,15 +73,16 @@ def _cholesky_logdet(M):
 
 def _factored(A_list, G_list, delta, scale):
     total = 0
-    for A, G in zip(A_list, G_list):
+    for l, (A, G) in enumerate(zip(A_list, G_list)):
         sG = scale * G
+        delta_l = _layer(delta, l)
         mean_A = A.diagonal(dim1=-2, dim2=-1).mean(-1)
         mean_G = sG.diagonal(dim1=-2, dim2=-1).mean(-1)
         pi = torch.sqrt(mean_A / mean_G)
         eye_A = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         eye_G = torch.eye(G.shape[-1], dtype=A.dtype, device=A.device)
-        A_damped = A + (delta.sqrt() / pi)[:, None, None] * eye_A
-        G_damped = sG + (pi * delta.sqrt())[:, None, None] * eye_G
+        A_damped = A + (delta_l.sqrt() / pi)[:, None, None] * eye_A
+        G_damped = sG + (pi * delta_l.sqrt())[:, None, None] * eye_G
         total = total + G.shape[-1] * _cholesky_logdet(A_damped) + A.shape[-1] * _cholesky_logdet(G_damped)
     return total
 
@@ -91,10 +99,10 @@ def kron_logdet(A, G=None, damping=1.0, scale=1.0, mode="exact"):
     if mode != "exact":
         raise ValueError(f"unsupported mode {mode!r}")
     total = 0
-    for A_l, G_l in zip(A_list, G_list):
+    for l, (A_l, G_l) in enumerate(zip(A_list, G_list)):
         lam = torch.linalg.eigvalsh(A_l).clamp_min(0)
         mu = torch.linalg.eigvalsh(G_l).clamp_min(0)
-        h = scale * mu.unsqueeze(-1) * lam.unsqueeze(-2) + delta[:, None, None]
+        h = scale * mu.unsqueeze(-1) * lam.unsqueeze(-2) + _layer(delta, l)[:, None, None]
         total = total + torch.log(h).sum(dim=(-1, -2))
     return total
 
@@ -135,11 +143,12 @@ def kron_sample(mean, A, G=None, damping=1.0, scale=1.0, num_samples=1, generato
     factor, torch.randn and two matmuls per layer. Same argument forms as llama_fast's."""
     A_list, G_list = _layers(A, G)
     means = [mean] if isinstance(mean, torch.Tensor) else list(mean)
+    delta = _damping(damping, means[0].shape[0], means[0])
     out = []
-    for m, A_l, G_l in zip(means, A_list, G_list):
+    for l, (m, A_l, G_l) in enumerate(zip(means, A_list, G_list)):
         lam, Q_A = torch.linalg.eigh(A_l)
         mu, Q_G = torch.linalg.eigh(G_l)
-        out.append(kron_sample_from_eigs(m, lam, Q_A, mu, Q_G, damping, scale, num_samples, generator))
+        out.append(kron_sample_from_eigs(m, lam, Q_A, mu, Q_G, _layer(delta, l), scale, num_samples, generator))
     return out[0] if isinstance(mean, torch.Tensor) else out
 
 

@@ -10,6 +10,8 @@ on the GPU, torch's CPU generator on the CPU); the two rotations are batched mat
 import torch
 
 from .curvature import KronCurvature
+from .kfac import _as_layer_lists
+from .logdet import _check_psd_evals, _width
 
 __all__ = ["kron_sample"]
 
@@ -30,11 +32,12 @@ def kron_sample(mean, A, G=None, damping=1.0, scale=1.0, num_samples=1, generato
             be a :class:`~llama_fast.LowRankFactor`; ``G [T, o, o]``, may be one too), lists of them, or ``A``
             a list of ``(A, G)`` pairs (then pass ``damping`` etc. by keyword).
         damping: ``delta > 0``, a float or a per-task tensor ``[T]``.
-        scale: ``s > 0``.
+        scale: ``s > 0`` (a tensor is used as a constant: no gradient flows to it here).
         num_samples: S >= 1.
         generator: a ``torch.Generator`` on the factors' device; default: the device's default
             generator (seeded by ``torch.manual_seed``).
-        check: validate factors and tensor damping (symmetry, finiteness, positivity; syncs).
+        check: validate factors (symmetry, finiteness, positive semi-definiteness) and tensor
+            damping (positivity); ``ValueError`` naming the argument otherwise. Syncs.
 
     Returns:
         ``[S, T, o, i']`` (a list per layer for list input), differentiable with respect to
@@ -44,6 +47,41 @@ def kron_sample(mean, A, G=None, damping=1.0, scale=1.0, num_samples=1, generato
     This builds a :class:`~llama_fast.KronCurvature` (eigendecompositions) and calls its
     ``sample``; build one yourself to draw repeatedly from the same posterior.
     """
+    if isinstance(scale, torch.Tensor):
+        scale = float(scale.detach())   # a constant for sampling, as documented above
+    A_list, G_list, single = _as_layer_lists(A, G, names=("A", "G"))
+    kept = [l for l in range(len(A_list)) if _width(A_list[l]) and _width(G_list[l])]
+    if len(kept) == len(A_list):
+        return _sample(mean, A_list, G_list, damping, scale, num_samples, generator, check)
+    # A layer with a 0-wide factor has a 0-dimensional posterior: its samples are its (empty)
+    # mean; the op's [-1, d, d] view of a 0 x 0 factor is undefined, so it is left out.
+    means = [mean] if isinstance(mean, torch.Tensor) and single else list(mean)
+    if len(means) != len(A_list):
+        raise ValueError(f"mean has {len(means)} entries but there are {len(A_list)} layers")
+    out = [None] * len(A_list)
+    if kept:
+        drawn = _sample([means[l] for l in kept], [A_list[l] for l in kept], [G_list[l] for l in kept],
+                        _kept_damping(damping, kept, len(A_list)), scale, num_samples, generator, check)
+        for l, x in zip(kept, drawn):
+            out[l] = x
+    for l in set(range(len(A_list))) - set(kept):
+        out[l] = means[l].unsqueeze(0).expand(int(num_samples), *means[l].shape).clone()
+    return out[0] if single else out
+
+
+def _kept_damping(damping, kept, layers):
+    """The damping of the layers in ``kept``: per-layer values (L floats, or [T, L]) are
+    selected, a shared one passes as it is."""
+    if isinstance(damping, (list, tuple)) and len(damping) == layers:
+        return [damping[l] for l in kept]
+    if isinstance(damping, torch.Tensor) and damping.dim() == 2:
+        return damping[:, kept]
+    return damping
+
+
+def _sample(mean, A_list, G_list, damping, scale, num_samples, generator, check):
     with torch.no_grad():
-        curvature = KronCurvature(A, G, damping=damping, scale=scale, check=check)
+        curvature = KronCurvature(A_list, G_list, damping=damping, scale=scale, check=check)
+        if check:
+            _check_psd_evals(curvature.evals_A, curvature.evals_G, A_list, G_list)
     return curvature.sample(mean, num_samples=num_samples, generator=generator)

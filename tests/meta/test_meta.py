@@ -402,7 +402,7 @@ def test_argument_errors(rng):
     for bad in (0.0, -1.0, float("nan"), torch.tensor([0.5, 0.0], dtype=DT)):
         with pytest.raises(ValueError, match="damping must be positive"):
             _step(conv, batch, damping=bad)
-    with pytest.raises(ValueError, match=r"damping must be a float or a tensor of shape \[T=2\]"):
+    with pytest.raises(ValueError, match=r"damping must be a float, a sequence of floats \(per layer\) or a tensor of shape \[T=2\] or \[T=2, L\]"):
         _step(conv, batch, damping=torch.ones(3, dtype=DT))
     with pytest.raises(ValueError, match="algorithm must be one of"):
         _step(conv, batch, algorithm="reptile")
@@ -581,3 +581,30 @@ def test_auto_task_chunk():
     for bad in (0, -2, 1.5, True, "all"):
         with pytest.raises(ValueError, match="task_chunk must be None, 'auto' or an int >= 1"):
             resolve(bad, 32, torch.device("cpu"), 5, conv4, 4)
+
+
+# --- per-layer damping ----------------------------------------------------------------------
+
+def test_per_layer_damping_objective(rng):
+    """delta per K-FAC layer: the log-det is each layer's own (the reference backend's) and the
+    prior term sums delta_l ||phi_l - theta_l||^2; equal deltas give the isotropic objective;
+    a [T, L] tensor that requires grad receives its gradient (learnable prior precisions)."""
+    model = small_mlp(rng, hidden=(6, 5))
+    batch = sinusoid_batch(2, 4, 3, rng)
+    kwargs = dict(algorithm="llama", loss="mse", inner_lr=0.05, eta=0.3, prior_term=True)
+    iso, iso_result = meta_objective(model, batch, damping=0.7, **kwargs)
+    same, _ = meta_objective(model, batch, damping=(0.7, 0.7, 0.7), **kwargs)
+    torch.testing.assert_close(same, iso, rtol=1e-12, atol=1e-12)
+    deltas = (0.05, 2.0, 0.6)
+    ours, result = meta_objective(model, batch, damping=deltas, **kwargs)
+    ref, ref_result = meta_objective(model, batch, damping=deltas, backend="reference", **kwargs)
+    torch.testing.assert_close(result.logdet, ref_result.logdet, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(ours, iso)
+    delta = torch.tensor([deltas, deltas], dtype=DT, requires_grad=True)
+    loss, _ = meta_objective(model, batch, damping=delta, **kwargs)
+    torch.testing.assert_close(loss.detach(), ours, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss, delta)
+    assert grad.shape == (2, 3) and bool(torch.isfinite(grad).all()) and bool((grad != 0).all())
+    with pytest.raises(ValueError, match=r"one delta per layer: expected 3 values, got 2"):
+        meta_objective(model, batch, damping=(0.1, 0.2), **kwargs)

@@ -411,3 +411,26 @@ def test_cuda_graph_capture_replays_new_draws():
     std = [(g.unsqueeze(-1) * a.unsqueeze(-2) + 0.5).rsqrt() for a, g in zip(eA, eG)]
     z = torch.cat([(x / s).flatten() for d in draws for x, s in zip(d, std)]).double().cpu()
     assert scipy.stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+
+
+def test_zero_width_layers_sample_their_empty_mean(rng):
+    """A 0-wide factor makes a 0-dimensional posterior: its samples are [S, T, o, 0] (or
+    [S, T, 0, i']); the other layers draw exactly what they draw alone (a reshape error before)."""
+    A, G = psd(2, 3, 5, rng), psd(2, 2, 5, rng)
+    mean = torch.randn(2, 2, 3, generator=rng, dtype=torch.float64)
+    empty_A, empty_G = torch.zeros(2, 0, 0, dtype=torch.float64), torch.zeros(2, 0, 0, dtype=torch.float64)
+    alone = lf.kron_sample(mean, A, G, 0.5, num_samples=3, generator=torch.Generator().manual_seed(1))
+    drawn = lf.kron_sample([mean, torch.zeros(2, 2, 0, dtype=torch.float64), torch.zeros(2, 0, 3, dtype=torch.float64)],
+                           [A, empty_A, A], [G, G, empty_G], 0.5, num_samples=3,
+                           generator=torch.Generator().manual_seed(1), check=True)
+    assert [tuple(x.shape) for x in drawn] == [(3, 2, 2, 3), (3, 2, 2, 0), (3, 2, 0, 3)]
+    torch.testing.assert_close(drawn[0], alone)
+    assert lf.kron_sample(torch.zeros(2, 2, 0, dtype=torch.float64), empty_A, G, 0.5, num_samples=4).shape == (4, 2, 2, 0)
+
+
+def test_check_refuses_factors_that_are_not_psd(rng):
+    A, G = psd(2, 3, 5, rng), psd(2, 2, 5, rng)
+    mean = torch.zeros(2, 2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^G must be positive semi-definite"):
+        lf.kron_sample(mean, A, -G, 0.5, check=True)
+
