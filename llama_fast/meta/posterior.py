@@ -57,9 +57,10 @@ class TaskPosterior:
     """
 
     def __init__(self, model, spec, loss, params, fixed, A, G, damping, scale, backend, layer_shapes,
-                 noise=1.0):
+                 out_shape, noise=1.0):
         self.model, self.spec, self.loss = model, spec, loss
         self.layer_shapes = layer_shapes   # per-example K-FAC layer outputs (sizes predict's chunks)
+        self.out_shape = out_shape         # per-example network output
         self.params, self.fixed = params, fixed
         self.A, self.G = A, G
         self.damping, self.scale, self.backend = damping, scale, backend
@@ -184,9 +185,10 @@ class TaskPosterior:
         S = next(iter(fast.values())).shape[0]
         return torch.stack([self._outputs({k: v[s] for k, v in fast.items()}, x) for s in range(S)])
 
-    def _jacobian_rows(self, x):
-        """Per layer the rows ``a [T, M, R, i']`` (bias column included) and ``g [T, M, K, R, o]``
-        of the network's Jacobian at phi on x (BatchNorm statistics constant)."""
+    def _jacobian_rows(self, x, span):
+        """For the tasks in ``span`` (start, stop), per layer the rows ``a [t, M, R, i']``
+        (bias column included) and ``g [t, M, K, R, o]`` of the network's Jacobian at phi on
+        x (BatchNorm statistics constant)."""
         spec, fixed = self.spec, self.fixed
 
         def one_task(p, xi):
@@ -195,10 +197,7 @@ class TaskPosterior:
 
         with functional_mode(self.model), constant_batch_statistics(self.model), Capture(spec) as capture:
             net = FunctionalNet(self.model, spec, capture, self.loss)
-            parts = [call_tasks(one_task, (0, 0), (self.params, x), span)
-                     for span in task_spans(self.tasks, self._task_chunk(x))]
-        a = [torch.cat([p[0][l] for p in parts]) for l in range(len(spec.layers))]
-        g = [torch.cat([p[1][l] for p in parts]) for l in range(len(spec.layers))]
+            a, g = call_tasks(one_task, (0, 0), (self.params, x), span)
         a = [torch.cat([x_l, x_l.new_ones(*x_l.shape[:-1], 1)], dim=-1) if layer.has_bias else x_l
              for layer, x_l in zip(spec.layers, a)]
         return a, g
@@ -209,19 +208,36 @@ class TaskPosterior:
         each input, ``[T, M, K, K]`` (``[D, T, M, K, K]`` for a ``damping_grid`` of D
         dampings, as :meth:`KronCurvature.functional_covariance`; the Jacobians are computed
         once). BatchNorm normalises with x's batch statistics, held constant in the Jacobian:
-        rows are per-example, while the outputs stay transductive, as the point estimate's."""
+        rows are per-example, while the outputs stay transductive, as the point estimate's.
+        Tasks and inputs are taken in chunks that keep the rows and coordinates within
+        GLM_CHUNK_BYTES."""
         self._check_inputs(x)
-        a, g = self._jacobian_rows(x)
-        M, K = g[0].shape[1], g[0].shape[2]
         parts = []
-        for start in range(0, M, self._input_chunk(a, g)):
-            stop = min(M, start + self._input_chunk(a, g))
-            parts.append(self.curvature.functional_covariance(
-                [x_l[:, start:stop] for x_l in a], [x_l[:, start:stop] for x_l in g], damping_grid=damping_grid))
-        return torch.cat(parts, dim=-3)
+        for span in task_spans(self.tasks, self._glm_task_chunk(x)):
+            a, g = self._jacobian_rows(x, span)
+            step = self._input_chunk(a, g)
+            M = g[0].shape[1]
+            parts.append(torch.cat([
+                self.curvature.functional_covariance([x_l[:, i:i + step] for x_l in a], [x_l[:, i:i + step] for x_l in g],
+                                                     damping_grid=damping_grid, tasks=slice(*span))
+                for i in range(0, M, step)], dim=-3))
+        return torch.cat(parts, dim=-4)
+
+    def _glm_task_chunk(self, x):
+        """Tasks per Jacobian pass: the CPU's forward-pass chunk, and at most as many tasks as
+        keep the output-gradient rows ``[t, M, K, R, o]`` within GLM_CHUNK_BYTES."""
+        outputs = self._outputs_per_example(x)
+        per_task = x.shape[1] * outputs * sum(math.prod(s) for s in self.layer_shapes) * x.element_size()
+        chunk = max(1, GLM_CHUNK_BYTES // max(1, per_task))
+        auto = self._task_chunk(x)
+        return min(chunk, auto if auto is not None else self.tasks)
+
+    def _outputs_per_example(self, x):
+        """K, the network's (flattened) outputs per example."""
+        return math.prod(self.out_shape)
 
     def _input_chunk(self, a, g):
-        """Inputs per projection: the coordinates ``[T, m, K, o, i']`` of all layers within
+        """Inputs per projection: the coordinates ``[t, m, K, o, i']`` of all layers within
         GLM_CHUNK_BYTES."""
         T, M, K = g[0].shape[:3]
         per_input = T * K * sum(x.shape[-1] * y.shape[-1] + x.shape[-2] * y.shape[-1]
@@ -348,7 +364,7 @@ def adapt(model, support_x, support_y, *, loss, inner_lr, inner_steps=1, damping
         phi, a, g = torch.func.vmap(one_task, in_dims=(0, 0, None if draws is None else 0))(
             support_x, support_y, draws)
     A, G = curvature_factors(a, g, [layer.has_bias for layer in spec.layers], backend)
-    return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend, layer_shapes, noise)
+    return TaskPosterior(model, spec, loss, phi, fixed, A, G, damping, scale, backend, layer_shapes, out_shape, noise)
 
 
 def kron_laplace(model, x, y, *, loss, damping, scale=1.0, fisher="exact", backend="kernels",

@@ -225,3 +225,19 @@ def test_probit_formula():
     cov = torch.diag(torch.tensor([0.5, 2.0, 4.0], dtype=DT)).unsqueeze(0)
     kappa = 1 / torch.sqrt(1 + math.pi / 8 * torch.tensor([0.5, 2.0, 4.0], dtype=DT))
     torch.testing.assert_close(lf.meta.predictive.probit_softmax(f, cov), torch.softmax(f * kappa, -1))
+
+
+def test_chunks_equal_one_pass(rng, monkeypatch):
+    """Tasks and inputs taken a few at a time (GLM_CHUNK_BYTES forced small) give the same
+    covariance as one pass over all of them, on a network with BatchNorm (statistics over the
+    task's whole query batch either way)."""
+    model = bn_convnet(rng)
+    sx, sy, qx = tasks(rng, 3, 4, 5, (2, 8, 8), "cross_entropy", 3)
+    post = lf.adapt(model, sx, sy, loss="cross_entropy", inner_lr=0.1, inner_steps=1, damping=0.5)
+    posterior = lf.meta.posterior
+    monkeypatch.setattr(posterior, "GLM_CHUNK_BYTES", 1 << 40)
+    assert post._glm_task_chunk(qx) == 3 or post._task_chunk(qx) is not None
+    whole = post.functional_covariance(qx, damping_grid=[0.1, 1.0])
+    monkeypatch.setattr(posterior, "GLM_CHUNK_BYTES", 1)
+    assert post._glm_task_chunk(qx) == 1
+    torch.testing.assert_close(post.functional_covariance(qx, damping_grid=[0.1, 1.0]), whole, rtol=1e-12, atol=1e-14)
