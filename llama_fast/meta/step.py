@@ -10,7 +10,9 @@ loop (second order unless first order is asked for).
 
 Meta-objective per task (docs/ops.md, "Conventions")::
 
-    J_i = mean_loss(phi_i, D^Q) + eta * log det H_i(phi_i) [+ delta/2 ||phi_i - theta||^2]
+    J_i = mean_loss(phi_i, D^Q) + eta * log det H_i(phi_i) / P [+ delta/2 ||phi_i - theta||^2]
+
+with P the number of K-FAC parameters (``logdet_norm="parameters"``; ``"none"``: P = 1).
     H_i = s * (G (x) A) + delta * I  per K-FAC layer, on D^S (curvature_on="support") or D^Q
 
 and the meta-loss is the mean of J_i over tasks (MAML: the mean query loss).
@@ -64,14 +66,18 @@ class _Clock:
         return {**self.times, "total": self.last - self.start}
 
 
+LOGDET_NORMS = ("parameters", "none")
+
+
 def _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fisher,
-              curvature_on, first_order, prior_term, backend, mc_samples, tasks):
+              curvature_on, first_order, prior_term, backend, mc_samples, tasks, logdet_norm):
     """Validated settings of one step."""
     choice(algorithm, ALGORITHMS, "algorithm")
     choice(loss, LOSSES, "loss")
     choice(fisher, FISHERS, "fisher")
     choice(curvature_on, CURVATURE_SETS, "curvature_on")
     choice(backend, BACKENDS, "backend")
+    choice(logdet_norm, LOGDET_NORMS, "logdet_norm")
     if inner_lr is None:
         raise ValueError("inner_lr is required")
     inner_steps = count(inner_steps, "inner_steps")
@@ -81,7 +87,8 @@ def _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fishe
     cfg = dict(algorithm=algorithm, loss=loss, inner_lr=nonnegative(inner_lr, "inner_lr"),
                inner_steps=inner_steps, fisher=fisher, curvature_on=curvature_on,
                first_order=bool(first_order) or algorithm == "fomaml", backend=backend,
-               mc_samples=int(mc_samples), llama=llama, eta=0.0, damping=None, scale=1.0)
+               mc_samples=int(mc_samples), llama=llama, eta=0.0, damping=None, scale=1.0,
+               logdet_norm=logdet_norm)
     if llama:
         if eta is None:
             raise ValueError("eta (the weight of the log-det term, >= 0) is required for algorithm='llama'")
@@ -129,6 +136,15 @@ def _layer_sq_dist(spec, phi, theta):
                         for layer in spec.layers])
 
 
+def _logdet_divisor(spec, theta, cfg) -> int:
+    """P, the number of K-FAC parameters, under logdet_norm="parameters" (else 1): eta then
+    weighs the mean log-eigenvalue of H_i, which does not grow with the network, so one eta
+    serves the sinusoid MLP (1.7k parameters) and Conv-4 at 5 and 20 ways (~112k)."""
+    if cfg["logdet_norm"] == "none":
+        return 1
+    return sum(theta[k].numel() for layer in spec.layers for k in (layer.weight, layer.bias) if k is not None)
+
+
 def _call_chunk(one_task, in_dims, inputs, span, cfg, biases, clock):
     """(q_loss, accuracy, factors or None, sq_dist) of the tasks in `span`, by one call_tasks.
     LLAMA's K-FAC factors are formed per call, from that call's captured rows:
@@ -149,7 +165,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
                    inner_steps=1, eta=None, damping=None, scale=1.0, fisher="exact",
                    curvature_on="support", first_order=False, prior_term=False,
                    backend="kernels", mc_samples=1, generator=None, task_chunk="auto", params=None,
-                   clock=None):
+                   clock=None, logdet_norm="parameters"):
     """The differentiable meta-loss of one batch (meta_step without backward and step).
 
     Takes meta_step's arguments, plus ``params``: an optional dict that replaces the model's
@@ -158,7 +174,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"batch must be a llama_fast.TaskBatch, got {type(batch).__name__}")
     cfg = _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fisher,
-                    curvature_on, first_order, prior_term, backend, mc_samples, batch.tasks)
+                    curvature_on, first_order, prior_term, backend, mc_samples, batch.tasks, logdet_norm)
     clock = clock or _Clock(False, batch.device)
     spec = inspect_model(model)
     theta, rest = split_params(model, spec, params)
@@ -188,7 +204,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
     if cfg["llama"]:
         logdet = curvature_logdet(factors, cfg["damping"], cfg["scale"], cfg["backend"])
         clock.lap("curvature")
-    objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet
+    objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet / _logdet_divisor(spec, theta, cfg)
     if prior_term:
         delta = damping_per_layer(cfg["damping"], batch.tasks, len(spec.layers), sq_dist)
         objective = objective + 0.5 * (delta * sq_dist).sum(-1)
@@ -203,7 +219,8 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
 def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy", inner_lr=None,
               inner_steps=1, eta=None, damping=None, scale=1.0, fisher="exact",
               curvature_on="support", first_order=False, prior_term=False, backend="kernels",
-              mc_samples=1, generator=None, task_chunk="auto", timings=False, grad_sync=None):
+              mc_samples=1, generator=None, task_chunk="auto", timings=False, grad_sync=None,
+              logdet_norm="parameters"):
     """One meta-training step on a TaskBatch: adapt all tasks, meta-loss, backward, step.
 
     Args:
@@ -219,6 +236,9 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
             nll (see llama_fast.meta.functional).
         inner_lr, inner_steps: the inner loop ``phi <- phi - inner_lr * grad mean_loss``.
         eta: weight of the log-det term (>= 0), LLAMA only.
+        logdet_norm: "parameters" (default): the term is ``eta * log det H_i / P``, P the number
+            of K-FAC parameters, so one eta serves networks of any size (the mean log-eigenvalue
+            of H_i); "none": ``eta * log det H_i``, the paper's form.
         damping: prior precision delta > 0, LLAMA and prior_term: a float or a tensor [T], or
             per K-FAC layer a sequence of L floats or a tensor [T, L].
         scale: likelihood scale s of ``H = s * G (x) A + delta * I``.
@@ -266,7 +286,7 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
         model, batch, algorithm=algorithm, loss=loss, inner_lr=inner_lr, inner_steps=inner_steps,
         eta=eta, damping=damping, scale=scale, fisher=fisher, curvature_on=curvature_on,
         first_order=first_order, prior_term=prior_term, backend=backend, mc_samples=mc_samples,
-        generator=generator, task_chunk=task_chunk, clock=clock)
+        generator=generator, task_chunk=task_chunk, clock=clock, logdet_norm=logdet_norm)
     if grad_sync is None:
         meta_loss.backward()
         result.global_means = local_means(result, batch.tasks)

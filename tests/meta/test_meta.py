@@ -270,6 +270,27 @@ def test_logdets_equal_kron_laplace_on_adapted_tasks(fisher, backend, rng):
         torch.testing.assert_close(single.logdet()[0], result.logdet[t], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("norm", ["parameters", "none"])
+def test_meta_loss_is_query_loss_plus_eta_log_det_over_p(norm, rng):
+    """J = mean query loss + eta log det H / P (P = the K-FAC parameters; "none": P = 1)."""
+    model = small_conv4(rng)
+    batch = image_batch(3, 3, 1, 2, 16, rng)
+    meta_loss, result = meta_objective(model, batch, algorithm="llama", loss="cross_entropy", inner_lr=0.2,
+                                       eta=0.3, damping=0.4, logdet_norm=norm)
+    kfac = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    P = sum(p.numel() for m in kfac for p in m.parameters()) if norm == "parameters" else 1
+    assert P > 1000 or norm == "none"
+    expected = (result.query_loss + 0.3 * result.logdet / P).mean()
+    torch.testing.assert_close(meta_loss.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_logdet_norm_is_checked(rng):
+    model = small_conv4(rng)
+    batch = image_batch(2, 3, 1, 2, 16, rng)
+    with pytest.raises(ValueError, match="logdet_norm"):
+        meta_objective(model, batch, inner_lr=0.2, eta=0.3, damping=0.4, logdet_norm="examples")
+
+
 @pytest.mark.parametrize("network", ["conv4", "mlp"])
 def test_kernels_and_reference_backends_agree(network, rng):
     """Log-dets and meta-gradients of both backends; the MLP's support (4 points) is narrower
