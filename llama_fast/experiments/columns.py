@@ -1,5 +1,5 @@
-"""The results columns of an evaluation and their predictions: each learner's point estimate,
-LLAMA's posterior predictive, and the per-task NLLs the selections and metrics share."""
+"""The results columns of an evaluation and their predictions: each learner's point estimate and
+Laplace predictives, and the per-task NLLs the selections and metrics share."""
 
 from __future__ import annotations
 
@@ -10,37 +10,49 @@ import torch
 from .. import meta
 
 
-def posteriors(trainer, learner, batch, steps):
-    c = trainer.config
-    return meta.adapt(learner.model, batch.support_x, batch.support_y, loss=trainer.loss,
-                    inner_lr=c.inner_lr, inner_steps=steps, damping=trainer.eval_damping, fisher=c.fisher)
-
-POINT = "llama_point"   # results column: LLAMA's adapted mean phi_i alone (no posterior samples)
+# The results columns of a learner: its adapted point estimate phi_i, the linearised (GLM)
+# predictive of the Laplace posterior N(phi_i, H_i^-1) around it, and for LLAMA the paper's
+# weight-sampling predictive ("nn"). MAML gets the same Laplace machinery (adapt works for any
+# model), so LLAMA GLM - MAML GLM isolates what LLAMA's meta-training adds.
+KINDS = {"maml": ("point", "glm"), "llama": ("point", "glm", "nn")}
 
 
 def columns(learner) -> tuple:
-    """The results columns of a learner (see ``predict``)."""
-    return (learner.name, POINT) if learner.name == "llama" else (learner.name,)
+    """The results columns of a learner: ``<algorithm>_<kind>`` (see ``predict``)."""
+    return tuple(f"{learner.name}_{kind}" for kind in KINDS[learner.name])
+
+
+def column_kind(column: str) -> str:
+    return column.rsplit("_", 1)[1]
+
+
+def posteriors(trainer, learner, batch, steps, damping, noise=None):
+    """The learner's posteriors of the tasks in ``batch`` after ``steps`` inner steps, with prior
+    precision ``damping`` (a float, or one per K-FAC layer) and, for regression, observation
+    noise ``noise`` (the curvature's scale is 1/noise^2)."""
+    c = trainer.config
+    extra = {} if noise is None else {"noise": noise}
+    return meta.adapt(learner.model, batch.support_x, batch.support_y, loss=trainer.loss,
+                      inner_lr=c.inner_lr, inner_steps=steps, damping=damping, fisher=c.fisher, **extra)
 
 
 def predict(trainer, learner, post, x, generator, noise=None) -> dict:
-    """Predictions by results column. MAML: its adapted point estimate. LLAMA: the posterior
-    predictive with S samples, and (as "llama_point") the point estimate phi_i of the same
-    posterior, so that the samples' effect is visible; the point estimate draws nothing, so
-    the sampled predictive is the same with or without it. ``noise``: the regression
-    predictives' observation noise sigma by column (1 where absent; classification: none)."""
+    """Predictions by results column; ``noise``: the regression predictives' observation noise
+    sigma by column (the posterior's where absent; classification: none)."""
     return {column: predict_column(trainer, post, x, column, generator,
-                                    None if noise is None else noise.get(column, 1.0))
+                                    None if noise is None else noise.get(column))
             for column in columns(learner)}
 
 
 def predict_column(trainer, post, x, column, generator, sigma=None):
-    """One results column's predictions (``predict``); ``sigma`` None: no noise argument
-    (classification's predict takes none)."""
+    """One results column's predictions: "point" the adapted phi_i alone, "glm" the linearised
+    predictive (probit link for classification), "nn" the average over S weight samples.
+    ``sigma`` None: the posterior's own noise (classification has none)."""
     noise = {} if sigma is None else {"noise": sigma}
-    if column == "llama":
+    kind = column_kind(column)
+    if kind == "nn":
         return post.predict(x, pred_type="nn", num_samples=trainer.config.samples, generator=generator, **noise)
-    return post.predict(x, pred_type="point", **noise)
+    return post.predict(x, pred_type=kind, **noise)
 
 
 def chunks(batch: meta.TaskBatch, size: int):

@@ -152,6 +152,29 @@ def mean_ci95(values) -> tuple[float, float]:
     return values.mean().item(), (1.96 * std / math.sqrt(values.numel())).item()
 
 
+def auroc(scores, positive) -> float:
+    """Area under the ROC curve of ``scores`` for detecting ``positive`` (the probability that a
+    random positive scores above a random negative, ties counting half: the Mann-Whitney U
+    statistic with average ranks). NaN when either class is empty."""
+    scores = torch.as_tensor(scores).flatten().double()
+    positive = torch.as_tensor(positive).flatten().bool()
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    below = torch.cumsum(counts, 0) - counts                  # values strictly below each unique value
+    ranks = (below + (counts + 1) / 2).double()[inverse]      # average rank of each score (1-based)
+    u = ranks[positive].sum().item() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Predictive entropy ``-sum_c p_c log p_c`` over the last dimension (float64)."""
+    p = probs.double()
+    return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+
 # ----------------------------------------------------------------------------- metrics.csv
 
 

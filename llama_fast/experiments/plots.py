@@ -19,7 +19,9 @@ from .metrics import ECE_BINS, calibration_bins, expected_calibration_error
 
 TRUE_COLOR, SUPPORT_COLOR = "black", "tab:red"
 # One colour per algorithm (and results column) in every figure of a run.
-ALGORITHM_COLORS = {"maml": "tab:blue", "fomaml": "tab:cyan", "llama": "tab:orange", "llama_point": "tab:brown"}
+ALGORITHM_COLORS = {"maml": "tab:blue", "fomaml": "tab:cyan", "llama": "tab:orange",
+                    "maml_point": "tab:blue", "maml_glm": "tab:cyan", "llama_point": "tab:brown",
+                    "llama_glm": "tab:orange", "llama_nn": "tab:red"}
 FIT_COLOR, SAMPLE_COLOR = ALGORITHM_COLORS["maml"], ALGORITHM_COLORS["llama"]
 
 

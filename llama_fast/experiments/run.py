@@ -36,7 +36,7 @@ from .checkpoint import load_checkpoint
 from .config import CHECKPOINT_FILE, METRICS_FILE, ExperimentConfig
 from .evaluation import evaluate_trainer
 from . import metrics
-from .reports import damping_note, report, summary, table
+from .reports import damping_note, paired_table, report, summary, table
 from .training import NoLog, Trainer, single_process, train
 
 
@@ -103,17 +103,14 @@ def evaluate(config: ExperimentConfig) -> int:
     start = time.perf_counter()
     trainer = Trainer(config)
     trainer.load_state_dict(load_checkpoint(trainer.out / CHECKPOINT_FILE))
-    if config.damping != "auto":   # an explicit --damping overrides the run's selection
+    if config.damping != "auto":   # an explicit --damping overrides the run's
         trainer.eval_damping = float(config.damping)
-    else:
-        # The same deterministic choice training's end makes; also covers a checkpoint written
-        # mid-run (a killed run evaluated as it stands).
-        trainer.choose_eval_damping()
     evaluation = evaluate_trainer(trainer)
     out = summary(trainer, evaluation, time.perf_counter() - start)
     (trainer.out / "eval.json").write_text(json.dumps(metrics.strict_json(out), indent=2, allow_nan=False) + "\n")
     print(f"{config.task}: checkpoint at iteration {trainer.iteration}, {damping_note(trainer)}")
     print(table(evaluation.results))
+    print(paired_table(evaluation.paired))
     if "oneshot_runs_skipped" in evaluation.results:
         print(f"one-shot runs not evaluated: {evaluation.results['oneshot_runs_skipped']}")
     print(f"wrote {trainer.out / 'eval.json'}")

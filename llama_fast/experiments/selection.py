@@ -1,10 +1,11 @@
-"""The evaluation's choices made on meta-validation tasks: LLAMA's posterior damping delta
-(Laplace evidence or predictive NLL over a grid) and the regression predictives' observation
-noise sigma. Each function returns what it chose and the objective over its grid."""
+"""The evaluation's choices made on meta-validation tasks, per learner and setting: the prior
+precision delta of the Laplace posterior (per layer by the Laplace evidence, or isotropic by the
+GLM predictive's NLL, over a grid) and the regression predictives' observation noise sigma."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,73 +61,34 @@ def laplace_evidence(post, model, support_y_nll, grid=DAMPING_GRID) -> torch.Ten
 
 
 def _summed_nll(post, x, y, loss) -> torch.Tensor:
-    """sum_n -log p(y_n | x_n, phi_i) per task at the adapted parameters (sigma = 1)."""
+    """sum_n -log p(y_n | x_n, phi_i) per task at the adapted parameters (regression: with the
+    posterior's observation noise sigma, which also scales its curvature)."""
     if loss == "mse":
-        mean, _ = post.predict(x, pred_type="point")
-        return (0.5 * (mean - y) ** 2 + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+        mean, std = post.predict(x, pred_type="point")
+        z = (mean - y) / std
+        return (0.5 * z ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
     probs = post.predict(x, pred_type="point")
     return -probs.gather(-1, y.unsqueeze(-1)).clamp_min(1e-12).log().flatten(1).sum(1)
 
 
-def predictive_nll(post, x, y, loss, samples, seed, grid=DAMPING_GRID) -> torch.Tensor:
-    """Mean predictive NLL per (delta, task), ``[len(grid), T]``, of the evaluation's LLAMA
-    predictive (``samples`` posterior samples; moment-matched Gaussian for regression) on
-    ``(x, y)``. The posterior is re-damped with ``with_damping`` (one adaptation and one
-    eigendecomposition for the whole grid) and every delta sees the same normal draws (a
-    generator seeded with ``seed`` each time), so the curve is smooth in delta."""
-    rows = []
-    for delta in grid:
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        out = post.with_damping(delta).predict(x, pred_type="nn", num_samples=samples, generator=generator)
-        rows.append(gaussian_nll(*out, y) if loss == "mse" else categorical_nll(out, y))
-    return torch.stack(rows)
-
-
-def select_damping(config, model, tasks) -> tuple[float, list]:
-    """LLAMA's posterior delta, chosen on the meta-validation tasks over DAMPING_GRID.
-
-    ``config.damping_objective``: "evidence" maximises the summed Laplace evidence of the
-    support sets (laplace-torch's marginal-likelihood choice); "nll" minimises the mean
-    predictive NLL of the query sets under the evaluation's S-sample predictive (laplace-torch's
-    ``optimize_prior_precision(method="gridsearch")`` on validation NLL). Returns the delta and
-    ``[(delta, objective)]`` over the grid.
-    """
+def select_damping(config, model, tasks) -> float:
+    """One isotropic delta for LLAMA's meta-parameters, chosen on the meta-validation tasks over
+    DAMPING_GRID (logged during training as ``damping_selected``): "evidence" maximises the
+    summed Laplace evidence of the support sets, "nll" minimises the GLM predictive's mean NLL
+    of the query sets."""
     sampler = tasks.fixed("val", config.shots, config.query_shots, VAL_TASKS[config.task], VAL_RANK)
     batch = task_batch(sampler.sample())
     loss = loss_name(config)
     post = meta.adapt(model, batch.support_x, batch.support_y, loss=loss, inner_lr=config.inner_lr,
-                    inner_steps=config.inner_steps, damping=1.0, fisher=config.fisher)
+                      inner_steps=config.inner_steps, damping=1.0, fisher=config.fisher)
     if config.damping_objective == "nll":
-        values = predictive_nll(post, batch.query_x, batch.query_y, loss, config.samples,
-                                data.derive_seed(config.seed, VAL_RANK))
-        what = "predictive NLL"
-    else:
-        values = laplace_evidence(post, model, _summed_nll(post, batch.support_x, batch.support_y, loss))
-        what = "Laplace evidence"
+        return glm_nll_damping(post, batch.query_x, batch.query_y, loss)[0]
+    values = laplace_evidence(post, model, _summed_nll(post, batch.support_x, batch.support_y, loss))
     finite = torch.isfinite(values).all(0)
-    if not bool(finite.all()):
-        print(f"damping auto: {int((~finite).sum())} of {finite.numel()} validation tasks have a "
-              f"non-finite {what}; left out of it")
-    total = values[:, finite].sum(1) if config.damping_objective == "evidence" else values[:, finite].mean(1)
-    if not bool(torch.isfinite(total).any()):
-        raise FloatingPointError(f"damping auto: the {what} is not finite for any delta "
-                                 "(did meta-training diverge?)")
-    if config.damping_objective == "nll":
-        best = int(total.nan_to_num(nan=math.inf).argmin())
-    else:
-        best = int(total.nan_to_num(nan=-math.inf).argmax())
-    return DAMPING_GRID[best], [(d, float(e)) for d, e in zip(DAMPING_GRID, total)]
-
-
-def damping_message(config, curve, delta) -> str:
-    """One line: the objective over the grid and the choice (flagged at the grid's edge)."""
-    if config.damping_objective == "nll":
-        head = (f"damping auto (nll): mean predictive NLL (S = {config.samples}) of the meta-validation "
-                "query sets per delta: ")
-    else:
-        head = "damping auto (evidence): Laplace evidence of the meta-validation support sets per delta: "
-    edge = " (the edge of the grid)" if delta in (DAMPING_GRID[0], DAMPING_GRID[-1]) else ""
-    return head + ", ".join(f"{d:g}: {e:.4g}" for d, e in curve) + f" -> delta = {delta:g}{edge}"
+    if not bool(finite.any()):
+        raise FloatingPointError("damping auto: the Laplace evidence is not finite for any validation "
+                                 "task (did meta-training diverge?)")
+    return DAMPING_GRID[int(values[:, finite].sum(1).argmax())]
 
 
 def fit_noise(predict, y, grid=NOISE_GRID) -> tuple[float, list]:
@@ -143,31 +105,120 @@ def fit_noise(predict, y, grid=NOISE_GRID) -> tuple[float, list]:
     return grid[int(curve.argmin())], [(sigma, float(v)) for sigma, v in zip(grid, curve)]
 
 
-def select_noise(trainer, shots, steps) -> dict:
-    """noise = "auto": per results column, ``fit_noise`` on the meta-validation tasks (those of
-    ``select_damping``: ``tasks.fixed("val", ...)``, seeded with VAL_RANK, here with ``shots``
-    support points) adapted with ``steps`` inner steps, the evaluation's predictive (S samples
-    for LLAMA, the same draws for every sigma). Returns ``{column: (sigma, curve)}``."""
+@dataclass
+class PosteriorChoice:
+    """What the evaluation chose for one learner and setting on the meta-validation tasks: the
+    prior precision (a float, or one delta per K-FAC layer), the objective over DAMPING_GRID
+    behind it (empty when fixed), and for regression the observation noise sigma by results
+    column with its validation NLL curve."""
+
+    damping: object
+    objective: str
+    curve: list = field(default_factory=list)
+    noise: dict = field(default_factory=dict)
+    noise_curve: dict = field(default_factory=dict)
+
+    def at_grid_edge(self) -> list:
+        """Per delta: whether it sits at the grid's edge (there the posterior vanishes, or is
+        as wide as the largest prior allows: the GLM predictive then equals the point estimate)."""
+        values = self.damping if isinstance(self.damping, tuple) else (self.damping,)
+        return [self.objective != "fixed" and d in (DAMPING_GRID[0], DAMPING_GRID[-1]) for d in values]
+
+    def as_json(self) -> dict:
+        damping = list(self.damping) if isinstance(self.damping, tuple) else self.damping
+        return {"damping": damping, "objective": self.objective, "at_grid_edge": self.at_grid_edge(),
+                "curve": [[d, v] for d, v in self.curve], "noise": self.noise,
+                "noise_curve": {k: [list(x) for x in v] for k, v in self.noise_curve.items()}}
+
+
+def evidence_damping(post, model, x, y, loss) -> tuple[tuple, list]:
+    """One delta per K-FAC layer, each maximising that layer's summed Laplace evidence over the
+    tasks (the layers' terms separate given their deltas; the likelihood term does not depend on
+    delta). Tasks with a non-finite term are left out. Returns the deltas and
+    ``[(delta, [objective per layer])]``."""
+    values = layer_evidence(post, model)                               # [D, T, L]
+    finite = torch.isfinite(values).all(0).all(-1) & torch.isfinite(_summed_nll(post, x, y, loss))
+    if not bool(finite.any()):
+        raise FloatingPointError("damping auto: the Laplace evidence is not finite for any validation "
+                                 "task (did meta-training diverge?)")
+    total = values[:, finite].sum(1)                                   # [D, L]
+    best = total.argmax(0)
+    return (tuple(DAMPING_GRID[int(b)] for b in best),
+            [(d, [float(v) for v in row]) for d, row in zip(DAMPING_GRID, total)])
+
+
+def glm_nll_damping(post, x, y, loss) -> tuple[float, list]:
+    """One delta for all layers minimising the mean NLL of the GLM predictive on ``(x, y)``
+    (laplace-torch's gridsearch on validation NLL); the adaptation and eigendecompositions are
+    shared by the whole grid (``with_damping``)."""
+    rows = []
+    for delta in DAMPING_GRID:
+        out = post.with_damping(delta).predict(x, pred_type="glm")
+        rows.append(gaussian_nll(*out, y) if loss == "mse" else categorical_nll(out, y))
+    values = torch.stack(rows)
+    finite = torch.isfinite(values).all(0)
+    if not bool(finite.any()):
+        raise FloatingPointError("damping auto: the GLM predictive NLL is not finite for any validation "
+                                 "task (did meta-training diverge?)")
+    curve = values[:, finite].mean(1)
+    return DAMPING_GRID[int(curve.argmin())], [(d, float(v)) for d, v in zip(DAMPING_GRID, curve)]
+
+
+def choose_posterior(trainer, learner, shots, steps) -> PosteriorChoice:
+    """The posterior of ``learner`` for an evaluation setting (``shots`` support examples,
+    ``steps`` inner steps), chosen on the meta-validation tasks.
+
+    Regression first fits the point estimate's sigma (it does not depend on delta) and builds
+    the curvature with it (scale 1/sigma^2); then delta: under damping "auto" per layer by the
+    Laplace evidence ("evidence") or isotropic by the GLM predictive's NLL ("nll"), else the
+    fixed value; then each predictive column's own sigma, with that delta.
+    """
     c = trainer.config
     sampler = trainer.tasks.fixed("val", shots, c.query_shots, VAL_TASKS[c.task], VAL_RANK)
     batch = task_batch(sampler.sample())
+    fixed = c.damping != "auto"
+    post = posteriors(trainer, learner, batch, steps, trainer.eval_damping if fixed else 1.0)
+    names = columns(learner)
+    choice = PosteriorChoice(trainer.eval_damping, "fixed")
+    if trainer.loss == "mse":
+        _fit_column_noise(trainer, post, batch, names[0], choice)
+        post = post.with_noise(choice.noise[names[0]])
+    if not fixed and c.damping_objective == "evidence":
+        choice.damping, choice.curve = evidence_damping(post, learner.model, batch.support_x, batch.support_y,
+                                                        trainer.loss)
+        choice.objective = "evidence"
+    elif not fixed:
+        choice.damping, choice.curve = glm_nll_damping(post, batch.query_x, batch.query_y, trainer.loss)
+        choice.objective = "nll"
+    if trainer.loss == "mse":
+        post = post.with_damping(choice.damping)
+        for name in names[1:]:
+            _fit_column_noise(trainer, post, batch, name, choice)
+    return choice
+
+
+def _fit_column_noise(trainer, post, batch, column, choice) -> None:
+    """sigma of one regression column: the fixed --noise, or under "auto" ``fit_noise`` on the
+    validation query sets (the same posterior draws for every sigma)."""
+    c = trainer.config
+    if c.noise != "auto":
+        choice.noise[column] = float(c.noise)
+        return
     seed = data.derive_seed(c.seed, VAL_RANK)
-    chosen = {}
-    for learner in trainer.learners:
-        post = posteriors(trainer, learner, batch, steps)
-        for column in columns(learner):
-            def predict(sigma, column=column):   # this column only, the same draws every time
-                generator = torch.Generator().manual_seed(seed)
-                return predict_column(trainer, post, batch.query_x, column, generator, sigma)
-            chosen[column] = fit_noise(predict, batch.query_y)
-    return chosen
+
+    def predict(sigma):
+        generator = torch.Generator().manual_seed(seed)
+        return predict_column(trainer, post, batch.query_x, column, generator, sigma)
+    choice.noise[column], choice.noise_curve[column] = fit_noise(predict, batch.query_y)
 
 
-def noise_message(setting, chosen) -> str:
-    """One line per evaluation setting: each column's sigma and its validation NLL."""
-    parts = []
-    for column, (sigma, curve) in chosen.items():
-        edge = " (grid edge)" if sigma in (NOISE_GRID[0], NOISE_GRID[-1]) else ""
-        parts.append(f"{column.upper().replace('_', ' ')} {sigma:.3g}{edge} (NLL {dict(curve)[sigma]:.4g})")
-    return (f"noise auto, {setting}: sigma minimising the mean predictive NLL of the meta-validation "
-            "query sets: " + ", ".join(parts))
+def choice_message(learner, setting, choice) -> str:
+    """One line per learner and setting: the deltas (grid edges flagged) and the sigmas."""
+    deltas = choice.damping if isinstance(choice.damping, tuple) else (choice.damping,)
+    shown = ", ".join(f"{d:g}" + (" (grid edge)" if edge else "") for d, edge in zip(deltas, choice.at_grid_edge()))
+    what = {"evidence": "per layer by the Laplace evidence", "nll": "by the GLM predictive NLL",
+            "fixed": "fixed"}[choice.objective]
+    line = f"posterior {learner.upper()} {setting}: delta {what}: {shown}"
+    if choice.noise:
+        line += "; sigma " + ", ".join(f"{k.upper().replace('_', ' ')} {v:.3g}" for k, v in choice.noise.items())
+    return line

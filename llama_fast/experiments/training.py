@@ -16,7 +16,7 @@ from .checkpoint import (CheckpointError, TrainingDiverged, capture_rng_state, c
                          load_checkpoint, restore_rng_state, save_checkpoint)
 from .config import CHECKPOINT_FILE, ExperimentConfig
 from .learners import VAL_RANK, VAL_TASKS, Tasks, build_learners, loss_name, task_batch
-from .selection import damping_message, select_damping
+from .selection import select_damping
 
 INITIAL_DAMPING = 1.0        # delta of LLAMA's training log-det term under damping = "auto"
 NONFINITE_STEPS = 5          # consecutive skipped (non-finite) steps of a learner that stop a run
@@ -80,12 +80,11 @@ class Trainer:
             self._join_ranks()
             self.grad_syncs = {l.name: distributed.GradientSync(l.model, self.ctx.group) for l in self.learners}
         self.iteration = 0
-        # Training uses `damping`; the held-out evaluation `eval_damping` (auto: re-selected on
-        # the final meta-parameters). Kept apart so a run resumed from the end of a shorter run
-        # trains with exactly the delta an uninterrupted run would.
+        # Training uses `damping`; the held-out evaluation `eval_damping` when fixed (auto: chosen
+        # per learner and setting at evaluation). Kept apart so a run resumed from the end of a
+        # shorter run trains with exactly the delta an uninterrupted run would.
         self.damping = INITIAL_DAMPING if config.damping == "auto" else float(config.damping)
         self.eval_damping = self.damping
-        self.damping_curve = []
         self.damping_history = []
         # Consecutive steps per learner whose meta-loss or meta-gradient was not finite (and so
         # not applied), and the iteration of the last checkpoint written.
@@ -229,7 +228,7 @@ class Trainer:
             # Logged, not applied: LLAMA's training keeps its initial delta. Switching the
             # log-det term to the evidence's choice (delta = 100) mid-run made the meta-gradient
             # NaN within a few hundred iterations on the sinusoid quickstart.
-            selected, _ = select_damping(c, llama.model, self.tasks)
+            selected = select_damping(c, llama.model, self.tasks)
             self.damping_history.append((self.iteration, selected))
             rows["llama"]["damping_selected"] = selected
         return rows
@@ -237,22 +236,11 @@ class Trainer:
     def learner(self, name):
         return next((l for l in self.learners if l.name == name), None)
 
-    def choose_eval_damping(self) -> float | None:
-        """Under damping auto with a LLAMA learner: select the evaluation's delta on the current
-        meta-parameters, keep it and its curve (for metrics.json), print the curve and return
-        the delta. None if there is nothing to select (a fixed delta, or no LLAMA)."""
-        llama = self.learner("llama")
-        if self.config.damping != "auto" or llama is None:
-            return None
-        self.eval_damping, self.damping_curve = select_damping(self.config, llama.model, self.tasks)
-        print(damping_message(self.config, self.damping_curve, self.eval_damping))
-        return self.eval_damping
-
     def finish_damping(self) -> float:
-        """The delta the held-out evaluation uses, chosen at the end of training (rank 0: it
-        alone evaluates): the selection on the trained meta-parameters, else the training delta."""
-        if self.choose_eval_damping() is None:
-            self.eval_damping = self.damping
+        """The delta a fixed --damping gives the held-out evaluation: training's. Under "auto"
+        the evaluation chooses per learner and setting on the meta-validation tasks
+        (selection.choose_posterior) and this value is only its fallback."""
+        self.eval_damping = self.damping
         return self.eval_damping
 
 

@@ -138,9 +138,10 @@ def test_two_ranks_write_one_copy_of_each_output(runs):
     output = _succeeded(runs, "straight")
     out = runs[0]["straight"]
     assert {p.name for p in out.iterdir()} == OUTPUTS   # no per-rank copies, no temp files
-    assert output.count("wall time") == 1 and output.count("damping auto (evidence): Laplace evidence") == 1
+    assert output.count("wall time") == 1 and output.count("posterior LLAMA K10_steps10: delta per layer by the Laplace evidence") == 1
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["iterations"] == 4 and set(summary["results"]) == {"maml", "llama", "llama_point"}
+    assert summary["iterations"] == 4 and set(summary["results"]) == {
+        "maml_point", "maml_glm", "llama_point", "llama_glm", "llama_nn"}
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["iteration"] == 4 and state["world_size"] == 2 and len(state["ranks"]) == 2
 

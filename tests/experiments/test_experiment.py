@@ -47,26 +47,33 @@ def test_tiny_run_writes_every_output(tmp_path, capsys):
                  "learning_curves.png", "sinusoid.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["iterations"] == 6 and summary["damping"] in selection.DAMPING_GRID
-    assert summary["damping_objective"] == "evidence"
-    curve = summary["damping_curve"]
-    assert [d for d, _ in curve] == list(selection.DAMPING_GRID)
-    assert summary["damping"] == max(curve, key=lambda row: row[1])[0]   # the evidence's maximiser
-    for name in ("maml", "llama", "llama_point"):
-        for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
-            entry = summary["results"][name][setting]
-            assert {"mse", "nll", "coverage_50", "coverage_90", "coverage_95"} <= set(entry)
+    assert summary["iterations"] == 6 and summary["damping_objective"] == "evidence"
+    settings = ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10")
+    columns = {"maml": ("maml_point", "maml_glm"), "llama": ("llama_point", "llama_glm", "llama_nn")}
+    for learner, names in columns.items():
+        for setting in settings:
+            choice = summary["posterior"][learner][setting]
+            per_layer = [row[1] for row in choice["curve"]]
+            assert [d for d, _ in choice["curve"]] == list(selection.DAMPING_GRID)
+            assert len(choice["damping"]) == 3 == len(choice["at_grid_edge"])   # one per K-FAC layer
+            for l, delta in enumerate(choice["damping"]):   # each layer's evidence maximiser
+                assert delta == selection.DAMPING_GRID[max(range(len(per_layer)), key=lambda i: per_layer[i][l])]
+                assert choice["at_grid_edge"][l] == (delta in (selection.DAMPING_GRID[0], selection.DAMPING_GRID[-1]))
+            for name in names:
+                entry = summary["results"][name][setting]
+                assert {"mse", "nll", "coverage_50", "coverage_90", "coverage_95", "std_inside",
+                        "std_outside"} <= set(entry)
+                sigma, curve = choice["noise"][name], choice["noise_curve"][name]
+                assert sigma in selection.NOISE_GRID and [s for s, _ in curve] == list(selection.NOISE_GRID)
+                assert sigma == min(curve, key=lambda row: row[1])[0]   # the validation NLL's minimiser
+        # The GLM predictive's mean is the point estimate's: their per-task MSEs are equal.
+        glm_vs_point = summary["paired"]["K10_steps1"][f"{learner}_glm - {learner}_point"]["mse"]
+        assert glm_vs_point["mean"] == pytest.approx(0.0, abs=1e-9)
     assert summary["noise_mode"] == "auto"
-    for name in ("maml", "llama", "llama_point"):
-        for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
-            sigma = summary["noise"][name][setting]
-            curve = summary["noise_curve"][name][setting]
-            assert sigma in selection.NOISE_GRID and [s for s, _ in curve] == list(selection.NOISE_GRID)
-            assert sigma == min(curve, key=lambda row: row[1])[0]   # the validation NLL's minimiser
     printed = capsys.readouterr().out
-    assert "MAML" in printed and "LLAMA" in printed and "coverage_90" in printed
-    assert "noise auto, K10_steps10:" in printed
-    assert "LLAMA POINT" in printed and "damping auto (evidence)" in printed
+    assert "MAML POINT" in printed and "LLAMA GLM" in printed and "coverage_90" in printed
+    assert "posterior LLAMA K10_steps10: delta per layer by the Laplace evidence" in printed
+    assert "paired over tasks" in printed
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("iteration,algorithm") and len(rows) > 12
 
@@ -229,6 +236,7 @@ def test_eval_reproduces_the_training_metrics(tmp_path, capsys):
     trained = json.loads((out / "metrics.json").read_text())
     evaluated = json.loads((out / "eval.json").read_text())
     assert evaluated["iterations"] == 6 and evaluated["results"] == trained["results"]
+    assert evaluated["paired"] == trained["paired"] and evaluated["posterior"] == trained["posterior"]
     assert "K10_steps10" in capsys.readouterr().out
 
 
@@ -259,14 +267,21 @@ def test_omniglot_tiny_run_and_oneshot_eval(tmp_path, capsys):
             "--meta-batch", "2", "--eval-tasks", "3", "--samples", "2", "--log-every", "1",
             "--eval-every", "0", "--checkpoint-every", "0", "--damping", "1.0", "--device", "cpu"]
     assert cli.main(argv) == 0
-    for name in ("metrics.json", "reliability_maml.png", "reliability_llama.png", "learning_curves.png"):
+    for name in ("metrics.json", "reliability_maml_point.png", "reliability_llama_glm.png",
+                 "reliability_llama_nn.png", "learning_curves.png"):
         assert (out / name).is_file(), name
-    test = json.loads((out / "metrics.json").read_text())["results"]["llama"]["test"]
-    assert {"accuracy", "nll", "ece", "brier"} <= set(test)
+    summary = json.loads((out / "metrics.json").read_text())
+    for name in ("maml_point", "maml_glm", "llama_point", "llama_glm", "llama_nn"):
+        test = summary["results"][name]["test"]
+        assert {"accuracy", "nll", "ece", "brier", "auroc_errors", "auroc_ood"} <= set(test)
+        assert 0.0 <= test["auroc_errors"] <= 1.0 and 0.0 <= test["auroc_ood"] <= 1.0
+    assert summary["posterior"]["llama"]["test"] == {**summary["posterior"]["llama"]["test"], "damping": 1.0,
+                                                     "objective": "fixed"}
+    assert "llama_glm - maml_glm" in summary["paired"]["test"]
     runs = _tiny_oneshot_runs(tmp_path / "all_runs")
     assert cli.main(["eval", str(out), "--oneshot-runs", str(runs)]) == 0
     evaluated = json.loads((out / "eval.json").read_text())["results"]
-    for name in ("maml", "llama"):
+    for name in ("maml_point", "maml_glm", "llama_point", "llama_glm", "llama_nn"):
         assert 0.0 <= evaluated[name]["oneshot_runs"]["accuracy"]["mean"] <= 1.0
     assert "oneshot_runs" in capsys.readouterr().out
 
@@ -309,33 +324,62 @@ def test_damping_objective_nll_picks_the_lowest_validation_nll(tmp_path, capsys)
     assert train(out, "--damping-objective", "nll") == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["damping_objective"] == "nll"
-    curve = summary["damping_curve"]
-    assert [d for d, _ in curve] == list(selection.DAMPING_GRID)
-    assert summary["damping"] == min(curve, key=lambda row: row[1])[0]
-    assert "damping auto (nll)" in capsys.readouterr().out
+    for learner in ("maml", "llama"):
+        for setting, choice in summary["posterior"][learner].items():
+            assert choice["objective"] == "nll"
+            assert [d for d, _ in choice["curve"]] == list(selection.DAMPING_GRID)
+            assert choice["damping"] == min(choice["curve"], key=lambda row: row[1])[0]
+    assert "by the GLM predictive NLL" in capsys.readouterr().out
     assert cli.main(["eval", str(out)]) == 0   # eval repeats the choice from config.toml
-    assert json.loads((out / "eval.json").read_text())["damping"] == summary["damping"]
+    assert json.loads((out / "eval.json").read_text())["posterior"] == summary["posterior"]
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_predictive_nll_is_the_evaluation_predictive_per_delta(loss):
-    """predictive_nll re-damps one posterior; each row equals a fresh adapt at that delta
-    predicting with the same seed (S samples), scored as the evaluation scores it."""
+def test_glm_nll_damping_is_the_glm_predictive_nll_per_delta(loss):
+    """glm_nll_damping re-damps one posterior; each grid value equals a fresh adapt at that
+    delta predicting with the GLM predictive, scored as the evaluation scores it; the choice
+    is the grid's minimum."""
     import math
 
     model, x, y, post = _tiny_posterior(loss, support=5)
-    grid = (0.01, 1.0, 100.0)
-    values = selection.predictive_nll(post, x, y, loss, samples=4, seed=11, grid=grid)
-    assert values.shape == (3, 3)
-    for row, delta in zip(values, grid):
-        fresh = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=delta)
-        pred = fresh.predict(x, pred_type="nn", num_samples=4, generator=torch.Generator().manual_seed(11))
+    delta, curve = selection.glm_nll_damping(post, x, y, loss)
+    assert [d for d, _ in curve] == list(selection.DAMPING_GRID)
+    assert delta == min(curve, key=lambda row: row[1])[0]
+    for d, value in curve[::4]:
+        pred = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=d).predict(x, pred_type="glm")
         if loss == "mse":
             mean, std = pred
             expected = (0.5 * ((y - mean) / std) ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
         else:
             expected = -pred.gather(-1, y.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12).log().mean(1)
-        torch.testing.assert_close(row, expected.double(), rtol=1e-9, atol=1e-9)
+        assert value == pytest.approx(float(expected.mean()), rel=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_layer_evidence_is_each_layers_dense_prior_and_occam_terms(loss):
+    """Per layer l: -delta/2 ||phi_l - theta_l||^2 + P_l/2 log delta - 1/2 log det H_l, H_l by the
+    reference (dense); evidence_damping picks each layer's argmax over the tasks' sum."""
+    from llama_fast.ops import reference
+
+    model, x, y, post = _tiny_posterior(loss, support=3)
+    grid = (1e-3, 0.1, 10.0)
+    values = selection.layer_evidence(post, model, grid=grid)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    names = dict((id(p), n) for n, p in model.named_parameters())
+    assert values.shape == (3, 3, len(layers))
+    for l, layer in enumerate(layers):
+        keys = [names[id(p)] for p in layer.parameters()]
+        sq = sum(((post.params[k] - model.get_parameter(k).detach()) ** 2).flatten(1).sum(1) for k in keys)
+        P = sum(p.numel() for p in layer.parameters())
+        A = post.A[l].dense() if hasattr(post.A[l], "dense") else post.A[l]
+        for row, delta in zip(values[..., l], grid):
+            logdet = reference.kron_logdet([A], [post.G[l]], damping=delta, scale=post.curvature_scale)
+            expected = -0.5 * delta * sq + 0.5 * P * math.log(delta) - 0.5 * logdet
+            torch.testing.assert_close(row, expected, rtol=1e-10, atol=1e-8)
+    chosen, curve = selection.evidence_damping(post, model, x, y, loss)
+    full = selection.layer_evidence(post, model).sum(1)
+    assert chosen == tuple(selection.DAMPING_GRID[int(i)] for i in full.argmax(0))
+    assert len(curve) == len(selection.DAMPING_GRID) and len(curve[0][1]) == len(layers)
 
 
 def test_fit_noise_picks_the_grid_sigma_with_the_lowest_validation_nll():
@@ -366,6 +410,8 @@ def test_fixed_noise_is_used_and_stored(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, "--noise", "0.5", "--algorithm", "maml") == 0
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["noise_mode"] == "0.5" and summary["noise_curve"] == {}
-    assert summary["noise"] == {"maml": {s: 0.5 for s in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10")}}
+    assert summary["noise_mode"] == "0.5"
+    for setting in ("K5_steps1", "K5_steps10", "K10_steps1", "K10_steps10"):
+        choice = summary["posterior"]["maml"][setting]
+        assert choice["noise"] == {"maml_point": 0.5, "maml_glm": 0.5} and choice["noise_curve"] == {}
     assert "noise auto" not in capsys.readouterr().out

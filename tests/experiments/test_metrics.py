@@ -170,3 +170,25 @@ def test_undefined_values_are_null_and_nan_not_zero():
     text = json.dumps(metrics.strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}}),
                       allow_nan=False)
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": 2}}
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_auroc_is_the_pairwise_probability_with_ties_halved(ties):
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 5, (200,), generator=gen).double() if ties else torch.randn(200, generator=gen)
+    positive = torch.rand(200, generator=gen) < 0.3
+    pos, neg = scores[positive], scores[~positive]
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert metrics.auroc(scores, positive) == pytest.approx(pairs.mean().item(), rel=1e-12)
+
+
+def test_auroc_limits_and_empty_classes():
+    scores = torch.arange(6.0)
+    assert metrics.auroc(scores, scores >= 3) == 1.0
+    assert metrics.auroc(-scores, scores >= 3) == 0.0
+    assert math.isnan(metrics.auroc(scores, torch.zeros(6, dtype=torch.bool)))
+
+
+def test_entropy_of_uniform_and_one_hot():
+    probs = torch.tensor([[0.25] * 4, [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(metrics.entropy(probs), torch.tensor([math.log(4), 0.0], dtype=torch.float64))
