@@ -97,14 +97,15 @@ _FLAGS = {
     "meta_lr": ("--meta-lr", float, "LR", "outer-loop Adam learning rate (default: 0.001)"),
     "inner_lr": ("--inner-lr", float, "ALPHA", "inner-loop SGD step size (default: 0.01 sinusoid, 0.4 omniglot)"),
     "inner_steps": ("--inner-steps", int, "K", "inner-loop gradient steps (default: 1)"),
-    "eta": ("--eta", float, "ETA", "LLAMA weight of the log-det term, >= 0 (default: 0.001)"),
+    "eta": ("--eta", float, "ETA", "LLAMA weight of log det H_i / P (P: the K-FAC parameters), >= 0 (default: 1)"),
     "damping": ("--damping", _auto_or_float, "DELTA",
                 "prior precision delta added to the K-FAC curvature, > 0, or 'auto' (default: auto)"),
     "damping_objective": ("--damping-objective", str, "OBJ",
-                          f"what --damping auto optimises over its delta grid on the meta-validation tasks: "
-                          f"{' or '.join(DAMPING_OBJECTIVES)}; evidence = the Laplace marginal likelihood of the "
-                          "support sets, nll = the predictive NLL of the query sets with the evaluation's "
-                          "S-sample predictive (laplace-torch's gridsearch) (default: evidence)"),
+                          f"how --damping auto chooses each learner's posterior delta on the meta-validation "
+                          f"tasks: {', '.join(DAMPING_OBJECTIVES)}; evidence = per K-FAC layer, the Laplace "
+                          "marginal likelihood of the support sets; nll = one delta, the GLM predictive NLL "
+                          "of the query sets (laplace-torch's gridsearch); evidence-nll = the evidence's "
+                          "deltas times the factor >= 1 with the lowest such NLL (default: evidence-nll)"),
     "noise": ("--noise", _auto_or_float, "SIGMA",
               "sinusoid: the Gaussian observation noise sigma > 0 of every predictive in the evaluation, "
               "or 'auto': per evaluation setting (K, inner steps) and per results column, the sigma on a "

@@ -21,9 +21,11 @@ import torch
 TASKS = ("sinusoid", "omniglot")
 ALGORITHMS = ("maml", "llama")
 FISHERS = ("exact", "mc", "empirical")
-# How damping = "auto" picks LLAMA's posterior delta on the meta-validation tasks: the Laplace
-# evidence of the support sets, or the predictive NLL of the query sets (llama_fast.experiments.selection).
-DAMPING_OBJECTIVES = ("evidence", "nll")
+# How damping = "auto" picks the posterior's delta on the meta-validation tasks: per layer by the
+# Laplace evidence of the support sets, isotropic by the GLM predictive NLL of the query sets, or
+# the evidence's per-layer deltas scaled by the factor >= 1 with the lowest such NLL
+# (llama_fast.experiments.selection).
+DAMPING_OBJECTIVES = ("evidence", "nll", "evidence-nll")
 OMNIGLOT_DRAWINGS = 20
 CONFIG_FILE = "config.toml"  # the files of a run folder (config.output)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -63,9 +65,9 @@ class ExperimentConfig:
     inner_lr: float | None = None
     inner_steps: int | None = None
     first_order: bool = False
-    eta: float = 1e-3
+    eta: float = 1.0   # per K-FAC parameter (meta_step logdet_norm="parameters"); docs/experiments.md#choosing-eta
     damping: float | str = "auto"
-    damping_objective: str = "evidence"
+    damping_objective: str = "evidence-nll"
     noise: float | str = "auto"
     fisher: str = "exact"
     shots: int | None = None

@@ -38,7 +38,9 @@ def damping_note(trainer) -> str:
     c = trainer.config
     if c.damping == "auto":
         how = {"evidence": "per K-FAC layer by the Laplace evidence",
-               "nll": "by the GLM predictive's NLL"}[c.damping_objective]
+               "nll": "by the GLM predictive's NLL",
+               "evidence-nll": "per K-FAC layer by the Laplace evidence, scaled by the GLM predictive's NLL"
+               }[c.damping_objective]
         note = f"posterior delta chosen {how} on meta-validation tasks, per learner and setting"
     else:
         note = f"posterior delta = {trainer.eval_damping:g} (fixed)"

@@ -73,9 +73,9 @@ def _summed_nll(post, x, y, loss) -> torch.Tensor:
 
 def select_damping(config, model, tasks) -> float:
     """One isotropic delta for LLAMA's meta-parameters, chosen on the meta-validation tasks over
-    DAMPING_GRID (logged during training as ``damping_selected``): "evidence" maximises the
-    summed Laplace evidence of the support sets, "nll" minimises the GLM predictive's mean NLL
-    of the query sets."""
+    DAMPING_GRID (logged during training as ``damping_selected``): "nll" minimises the GLM
+    predictive's mean NLL of the query sets, the others maximise the summed Laplace evidence of
+    the support sets."""
     sampler = tasks.fixed("val", config.shots, config.query_shots, VAL_TASKS[config.task], VAL_RANK)
     batch = task_batch(sampler.sample())
     loss = loss_name(config)
@@ -117,17 +117,23 @@ class PosteriorChoice:
     curve: list = field(default_factory=list)
     noise: dict = field(default_factory=dict)
     noise_curve: dict = field(default_factory=dict)
+    evidence_damping: tuple = ()     # "evidence-nll": the evidence's deltas before scaling
+    scale_curve: list = field(default_factory=list)   # "evidence-nll": [(c, NLL)]
 
     def at_grid_edge(self) -> list:
         """Per delta: whether it sits at the grid's edge (there the posterior vanishes, or is
         as wide as the largest prior allows: the GLM predictive then equals the point estimate)."""
         values = self.damping if isinstance(self.damping, tuple) else (self.damping,)
+        if self.objective == "evidence-nll":   # the largest factor: the posterior is switched off
+            top = self.scale_curve and min(self.scale_curve, key=lambda row: row[1])[0] == SCALE_GRID[-1]
+            return [bool(top) or e in (DAMPING_GRID[0], DAMPING_GRID[-1]) for e in self.evidence_damping]
         return [self.objective != "fixed" and d in (DAMPING_GRID[0], DAMPING_GRID[-1]) for d in values]
 
     def as_json(self) -> dict:
         damping = list(self.damping) if isinstance(self.damping, tuple) else self.damping
         return {"damping": damping, "objective": self.objective, "at_grid_edge": self.at_grid_edge(),
                 "curve": [[d, v] for d, v in self.curve], "noise": self.noise,
+                "evidence_damping": list(self.evidence_damping), "scale_curve": [list(x) for x in self.scale_curve],
                 "noise_curve": {k: [list(x) for x in v] for k, v in self.noise_curve.items()}}
 
 
@@ -151,11 +157,7 @@ def glm_nll_damping(post, x, y, loss) -> tuple[float, list]:
     """One delta for all layers minimising the mean NLL of the GLM predictive on ``(x, y)``
     (laplace-torch's gridsearch on validation NLL); the adaptation and eigendecompositions are
     shared by the whole grid (``with_damping``)."""
-    rows = []
-    for delta in DAMPING_GRID:
-        out = post.with_damping(delta).predict(x, pred_type="glm")
-        rows.append(gaussian_nll(*out, y) if loss == "mse" else categorical_nll(out, y))
-    values = torch.stack(rows)
+    values = torch.stack([_glm_nll(post.with_damping(delta), x, y, loss) for delta in DAMPING_GRID])
     finite = torch.isfinite(values).all(0)
     if not bool(finite.any()):
         raise FloatingPointError("damping auto: the GLM predictive NLL is not finite for any validation "
@@ -164,14 +166,48 @@ def glm_nll_damping(post, x, y, loss) -> tuple[float, list]:
     return DAMPING_GRID[int(curve.argmin())], [(d, float(v)) for d, v in zip(DAMPING_GRID, curve)]
 
 
+# The factors c >= 1 of "evidence-nll": delta_l = c * (the evidence's delta_l), up to 1e8 (where
+# the GLM predictive is the point estimate's to within 1e-4 on the sinusoid and Conv-4).
+SCALE_GRID = tuple(10.0 ** (k / 2) for k in range(0, 17))
+
+
+def scaled_evidence_damping(post, x, y, loss, evidence, noise_grid=(None,)) -> tuple:
+    """The evidence's per-layer deltas times the factor c in SCALE_GRID whose GLM predictive has
+    the lowest mean NLL on ``(x, y)``: the evidence sets the layers' relative precisions, the
+    query sets how far to trust the posterior (c large: the point estimate). Regression fits
+    the GLM's sigma jointly, over ``noise_grid`` (the curvature's scale follows sigma): fitted
+    one after the other, a sigma fitted to the point estimate makes any posterior spread look
+    harmful. Returns the deltas, ``[(c, NLL at the best sigma)]`` and the sigma (None for
+    classification)."""
+    values = torch.stack([torch.stack([
+        _glm_nll(post.with_damping(tuple(c * d for d in evidence)), x, y, loss, sigma) for sigma in noise_grid])
+        for c in SCALE_GRID])                                          # [C, S, T]
+    finite = torch.isfinite(values).all(0).all(0)
+    if not bool(finite.any()):
+        raise FloatingPointError("damping auto: the GLM predictive NLL is not finite for any validation "
+                                 "task (did meta-training diverge?)")
+    mean = values[..., finite].mean(-1)                                # [C, S]
+    best_c, best_s = divmod(int(mean.argmin()), len(noise_grid))
+    curve = [(c, float(v)) for c, v in zip(SCALE_GRID, mean.amin(1))]
+    return tuple(SCALE_GRID[best_c] * d for d in evidence), curve, noise_grid[best_s]
+
+
+def _glm_nll(post, x, y, loss, sigma=None) -> torch.Tensor:
+    """Mean NLL per task of the GLM predictive (regression: with observation noise ``sigma``)."""
+    if loss == "mse":
+        return gaussian_nll(*post.predict(x, pred_type="glm", **({} if sigma is None else {"noise": sigma})), y)
+    return categorical_nll(post.predict(x, pred_type="glm"), y)
+
+
 def choose_posterior(trainer, learner, shots, steps) -> PosteriorChoice:
     """The posterior of ``learner`` for an evaluation setting (``shots`` support examples,
     ``steps`` inner steps), chosen on the meta-validation tasks.
 
     Regression first fits the point estimate's sigma (it does not depend on delta) and builds
     the curvature with it (scale 1/sigma^2); then delta: under damping "auto" per layer by the
-    Laplace evidence ("evidence") or isotropic by the GLM predictive's NLL ("nll"), else the
-    fixed value; then each predictive column's own sigma, with that delta.
+    Laplace evidence ("evidence"), those deltas scaled by the factor >= 1 with the lowest GLM
+    predictive NLL ("evidence-nll", the GLM's sigma fitted jointly) or isotropic by that NLL
+    ("nll"), else the fixed value; then each remaining column's own sigma, with that delta.
     """
     c = trainer.config
     sampler = trainer.tasks.fixed("val", shots, c.query_shots, VAL_TASKS[c.task], VAL_RANK)
@@ -183,17 +219,27 @@ def choose_posterior(trainer, learner, shots, steps) -> PosteriorChoice:
     if trainer.loss == "mse":
         _fit_column_noise(trainer, post, batch, names[0], choice)
         post = post.with_noise(choice.noise[names[0]])
-    if not fixed and c.damping_objective == "evidence":
+    if not fixed and c.damping_objective in ("evidence", "evidence-nll"):
         choice.damping, choice.curve = evidence_damping(post, learner.model, batch.support_x, batch.support_y,
                                                         trainer.loss)
         choice.objective = "evidence"
+        if c.damping_objective == "evidence-nll":
+            noise_grid = (None,) if trainer.loss != "mse" else (
+                NOISE_GRID if c.noise == "auto" else (float(c.noise),))
+            choice.evidence_damping = choice.damping
+            choice.damping, choice.scale_curve, sigma = scaled_evidence_damping(
+                post, batch.query_x, batch.query_y, trainer.loss, choice.damping, noise_grid)
+            choice.objective = "evidence-nll"
+            if sigma is not None:
+                choice.noise[names[1]] = sigma
     elif not fixed:
         choice.damping, choice.curve = glm_nll_damping(post, batch.query_x, batch.query_y, trainer.loss)
         choice.objective = "nll"
     if trainer.loss == "mse":
         post = post.with_damping(choice.damping)
         for name in names[1:]:
-            _fit_column_noise(trainer, post, batch, name, choice)
+            if name not in choice.noise:
+                _fit_column_noise(trainer, post, batch, name, choice)
     return choice
 
 
@@ -217,6 +263,7 @@ def choice_message(learner, setting, choice) -> str:
     deltas = choice.damping if isinstance(choice.damping, tuple) else (choice.damping,)
     shown = ", ".join(f"{d:g}" + (" (grid edge)" if edge else "") for d, edge in zip(deltas, choice.at_grid_edge()))
     what = {"evidence": "per layer by the Laplace evidence", "nll": "by the GLM predictive NLL",
+            "evidence-nll": "per layer by the Laplace evidence, scaled by the GLM predictive NLL",
             "fixed": "fixed"}[choice.objective]
     line = f"posterior {learner.upper()} {setting}: delta {what}: {shown}"
     if choice.noise:

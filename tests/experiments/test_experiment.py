@@ -42,7 +42,7 @@ def train(out, *extra):
 @pytest.mark.integration   # a training run through the CLI
 def test_tiny_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train(out) == 0
+    assert train(out, "--damping-objective", "evidence") == 0
     for name in ("config.toml", "checkpoint.pt", "metrics.csv", "metrics.json",
                  "learning_curves.png", "sinusoid.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -380,6 +380,25 @@ def test_layer_evidence_is_each_layers_dense_prior_and_occam_terms(loss):
     full = selection.layer_evidence(post, model).sum(1)
     assert chosen == tuple(selection.DAMPING_GRID[int(i)] for i in full.argmax(0))
     assert len(curve) == len(selection.DAMPING_GRID) and len(curve[0][1]) == len(layers)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_scaled_evidence_damping_scales_the_evidence_by_the_best_factor(loss):
+    """evidence-nll: the chosen deltas are c times the evidence's, c (and for regression sigma,
+    jointly) minimising the GLM predictive's mean NLL; each curve value is that NLL at c."""
+    model, x, y, post = _tiny_posterior(loss, support=5)
+    evidence = (0.3, 3.0)
+    sigmas = (0.1, 1.0) if loss == "mse" else (None,)
+    deltas, curve, sigma = selection.scaled_evidence_damping(post, x, y, loss, evidence, sigmas)
+    assert [c for c, _ in curve] == list(selection.SCALE_GRID)
+    best = min(curve, key=lambda row: row[1])[0]
+    assert deltas == pytest.approx(tuple(best * d for d in evidence))
+    for c, value in curve[::5]:
+        fresh = lf.adapt(model, x, y, loss=loss, inner_lr=0.1, damping=tuple(c * d for d in evidence))
+        nlls = [selection._glm_nll(fresh, x, y, loss, s).mean().item() for s in sigmas]
+        assert value == pytest.approx(min(nlls), rel=1e-9)
+        if c == best:
+            assert sigma == sigmas[nlls.index(min(nlls))]
 
 
 def test_fit_noise_picks_the_grid_sigma_with_the_lowest_validation_nll():
