@@ -97,12 +97,18 @@ def fit_noise(predict, y, grid=NOISE_GRID) -> tuple[float, list]:
     (each call must see the same posterior draws). Tasks whose NLL is not finite at some sigma
     are left out. Returns sigma and ``[(sigma, mean NLL)]`` over the grid."""
     values = torch.stack([gaussian_nll(*predict(sigma), y) for sigma in grid])    # [len(grid), T]
+    return grid_minimum(values, grid, "noise auto: the validation NLL")
+
+
+def grid_minimum(values, grid, what) -> tuple[float, list]:
+    """The grid value with the lowest mean of ``values [len(grid), T]`` over the tasks whose
+    values are all finite, and ``[(grid value, mean)]``; FloatingPointError naming ``what`` if
+    no task is finite."""
     finite = torch.isfinite(values).all(0)
     if not bool(finite.any()):
-        raise FloatingPointError("noise auto: the validation NLL is not finite for any task "
-                                 "(did meta-training diverge?)")
+        raise FloatingPointError(f"{what} is not finite for any validation task (did meta-training diverge?)")
     curve = values[:, finite].mean(1)
-    return grid[int(curve.argmin())], [(sigma, float(v)) for sigma, v in zip(grid, curve)]
+    return grid[int(curve.argmin())], [(x, float(v)) for x, v in zip(grid, curve)]
 
 
 @dataclass
@@ -158,12 +164,7 @@ def glm_nll_damping(post, x, y, loss) -> tuple[float, list]:
     (laplace-torch's gridsearch on validation NLL); the adaptation and eigendecompositions are
     shared by the whole grid (``with_damping``)."""
     values = torch.stack([_glm_nll(post.with_damping(delta), x, y, loss) for delta in DAMPING_GRID])
-    finite = torch.isfinite(values).all(0)
-    if not bool(finite.any()):
-        raise FloatingPointError("damping auto: the GLM predictive NLL is not finite for any validation "
-                                 "task (did meta-training diverge?)")
-    curve = values[:, finite].mean(1)
-    return DAMPING_GRID[int(curve.argmin())], [(d, float(v)) for d, v in zip(DAMPING_GRID, curve)]
+    return grid_minimum(values, DAMPING_GRID, "damping auto: the GLM predictive NLL")
 
 
 # The factors c >= 1 of "evidence-nll": delta_l = c * (the evidence's delta_l), up to 1e8 (where

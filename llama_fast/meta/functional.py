@@ -377,14 +377,10 @@ class FunctionalNet:
             return self._capture_rows_stacked(fast, rest, x, y, fisher, noise, extra_x)
         return self._capture_rows_vjp(fast, rest, x, y, fisher, layer_shapes, noise, extra_x)
 
-    def jacobian_rows(self, fast, rest, x, layer_shapes):
-        """(out [M, K], a rows, g rows) at `fast` on inputs x [M, ...]: per K-FAC layer the
-        per-example input rows ``[M, R, i]`` and the gradients of each of the K (flattened)
-        outputs at the layer's output ``[M, K, R, o]``; together ``J_k = sum_r g_k,r a_r^T``.
-        Use inside ``constant_batch_statistics`` where the network has BatchNorm (otherwise
-        an output's gradient also reaches the other examples' layer outputs)."""
-        M = x.shape[0]
-        probes = tuple(torch.zeros((M, *s), dtype=x.dtype, device=x.device) for s in layer_shapes)
+    def _probed_vjp(self, fast, rest, x, layer_shapes):
+        """(out, vjp_fn, layer inputs): the forward pass with zero probes added to every K-FAC
+        layer's output, so that a VJP of the output gives each layer's output gradients."""
+        probes = tuple(torch.zeros((x.shape[0], *s), dtype=x.dtype, device=x.device) for s in layer_shapes)
 
         def probed(probes):
             self.capture.start(probes)
@@ -395,7 +391,16 @@ class FunctionalNet:
                 raise
             return out, self.capture.stop()
 
-        out, vjp_fn, inputs = torch.func.vjp(probed, probes, has_aux=True)
+        return torch.func.vjp(probed, probes, has_aux=True)
+
+    def jacobian_rows(self, fast, rest, x, layer_shapes):
+        """(out [M, K], a rows, g rows) at `fast` on inputs x [M, ...]: per K-FAC layer the
+        per-example input rows ``[M, R, i]`` and the gradients of each of the K (flattened)
+        outputs at the layer's output ``[M, K, R, o]``; together ``J_k = sum_r g_k,r a_r^T``.
+        Use inside ``constant_batch_statistics`` where the network has BatchNorm (otherwise
+        an output's gradient also reaches the other examples' layer outputs)."""
+        M = x.shape[0]
+        out, vjp_fn, inputs = self._probed_vjp(fast, rest, x, layer_shapes)
         flat = out.reshape(M, -1)
         K = flat.shape[1]
         eye = torch.eye(K, dtype=out.dtype, device=out.device)
@@ -425,18 +430,7 @@ class FunctionalNet:
         n = x.shape[0]
         if extra_x is not None:
             x = torch.cat([x, extra_x])
-        probes = tuple(torch.zeros((x.shape[0], *s), dtype=x.dtype, device=x.device) for s in layer_shapes)
-
-        def probed(probes):
-            self.capture.start(probes)
-            try:
-                out = self.forward(fast, rest, x)
-            except BaseException:
-                self.capture.abort()
-                raise
-            return out, self.capture.stop()
-
-        out, vjp_fn, inputs = torch.func.vjp(probed, probes, has_aux=True)
+        out, vjp_fn, inputs = self._probed_vjp(fast, rest, x, layer_shapes)
         V = cotangents(out[:n], y, self.loss, fisher, noise)
         if extra_x is not None:   # the extra rows carry no cotangent, and give no a or g rows
             V = torch.cat([V, V.new_zeros(V.shape[0], x.shape[0] - n, *V.shape[2:])], dim=1)
