@@ -138,8 +138,9 @@ def _layer_sq_dist(spec, phi, theta):
 
 def _logdet_divisor(spec, theta, cfg) -> int:
     """P, the number of K-FAC parameters, under logdet_norm="parameters" (else 1): eta then
-    weighs the mean log-eigenvalue of H_i, which does not grow with the network, so one eta
-    serves the sinusoid MLP (1.7k parameters) and Conv-4 at 5 and 20 ways (~112k)."""
+    weighs the mean log-eigenvalue of H_i, which does not grow with the network: eta = 1 suits
+    the sinusoid MLP (1.7k parameters) and Conv-4 at 5 and 20 ways (~112k) (the sweep in
+    docs/experiments.md)."""
     if cfg["logdet_norm"] == "none":
         return 1
     return sum(theta[k].numel() for layer in spec.layers for k in (layer.weight, layer.bias) if k is not None)
