@@ -94,10 +94,10 @@ class TaskPosterior:
         return other
 
     def with_damping(self, damping) -> "TaskPosterior":
-        """The same posteriors with prior precision ``damping`` (float or ``[T]``): the adapted
-        parameters, factors and eigendecompositions are shared (no new adaptation or
-        eigendecomposition; :meth:`KronCurvature.with_damping`), so a grid of deltas costs one
-        :func:`adapt`."""
+        """The same posteriors with prior precision ``damping`` (a float, ``[T]``, or per K-FAC
+        layer L floats or ``[T, L]``): the adapted parameters, factors and eigendecompositions
+        are shared (no new adaptation or eigendecomposition; :meth:`KronCurvature.with_damping`),
+        so a grid of deltas costs one :func:`adapt`."""
         other = copy.copy(self)
         other.damping = check_damping(damping, self.tasks)
         other.curvature = self.curvature.with_damping(other.damping)

@@ -31,7 +31,8 @@ def kron_sample(mean, A, G=None, damping=1.0, scale=1.0, num_samples=1, generato
         A, G: Kronecker factors as for :func:`llama_fast.kron_logdet` (``A [T, i', i']``, may
             be a :class:`~llama_fast.LowRankFactor`; ``G [T, o, o]``, may be one too), lists of them, or ``A``
             a list of ``(A, G)`` pairs (then pass ``damping`` etc. by keyword).
-        damping: ``delta > 0``, a float or a per-task tensor ``[T]``.
+        damping: ``delta > 0``: a float, a per-task tensor ``[T]``, or per layer a sequence of
+            L floats or a tensor ``[T, L]``.
         scale: ``s > 0`` (a tensor is used as a constant: no gradient flows to it here).
         num_samples: S >= 1.
         generator: a ``torch.Generator`` on the factors' device; default: the device's default
