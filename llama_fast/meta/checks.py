@@ -77,23 +77,6 @@ def check_damping(damping, tasks):
     return value
 
 
-def damping_per_layer(damping, tasks, layers, like):
-    """The damping as a tensor [T, L] (a per-layer or per-task one broadcast)."""
-    if isinstance(damping, tuple):
-        if len(damping) != layers:
-            raise ValueError(f"damping per layer needs one delta per K-FAC layer ({layers}), got {len(damping)}")
-        return torch.tensor(damping, dtype=like.dtype, device=like.device).expand(tasks, layers)
-    if isinstance(damping, torch.Tensor):
-        if damping.dim() == 2 and damping.shape[1] != layers:
-            raise ValueError(f"damping [T, L] needs L = {layers} K-FAC layers, got {tuple(damping.shape)}")
-        return (damping if damping.dim() == 2 else damping[:, None]).to(like).expand(tasks, layers)
-    return torch.full((tasks, layers), float(damping), dtype=like.dtype, device=like.device)
-
-
-def is_per_layer(damping) -> bool:
-    return isinstance(damping, tuple) or (isinstance(damping, torch.Tensor) and damping.dim() == 2)
-
-
 def check_targets(y, out_shape, loss, name):
     """Targets that fit the network output: class labels in [0, C) for cross_entropy, float
     targets of the output's per-example shape for mse."""

@@ -226,15 +226,10 @@ class TaskPosterior:
     def _glm_task_chunk(self, x):
         """Tasks per Jacobian pass: the CPU's forward-pass chunk, and at most as many tasks as
         keep the output-gradient rows ``[t, M, K, R, o]`` within GLM_CHUNK_BYTES."""
-        outputs = self._outputs_per_example(x)
-        per_task = x.shape[1] * outputs * sum(math.prod(s) for s in self.layer_shapes) * x.element_size()
+        per_task = x.shape[1] * math.prod(self.out_shape) * sum(math.prod(s) for s in self.layer_shapes) * x.element_size()
         chunk = max(1, GLM_CHUNK_BYTES // max(1, per_task))
         auto = self._task_chunk(x)
         return min(chunk, auto if auto is not None else self.tasks)
-
-    def _outputs_per_example(self, x):
-        """K, the network's (flattened) outputs per example."""
-        return math.prod(self.out_shape)
 
     def _input_chunk(self, a, g):
         """Inputs per projection: the coordinates ``[t, m, K, o, i']`` of all layers within

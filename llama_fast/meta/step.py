@@ -30,8 +30,9 @@ import time
 
 import torch
 
+from ..ops.curvature import damping_tensor
 from .checks import (ALGORITHMS, BACKENDS, CURVATURE_SETS, check_damping, check_targets, choice, count,
-                     damping_per_layer, nonnegative)
+                     nonnegative)
 from .factors import curvature_factors, curvature_logdet, mc_noise
 from .functional import FISHERS, LOSSES, Capture, FunctionalNet, functional_mode, inspect_model, task_loss
 from .tasks import call_tasks, resolve_task_chunk, split_params, task_spans
@@ -207,8 +208,9 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
         clock.lap("curvature")
     objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet / _logdet_divisor(spec, theta, cfg)
     if prior_term:
-        delta = damping_per_layer(cfg["damping"], batch.tasks, len(spec.layers), sq_dist)
-        objective = objective + 0.5 * (delta * sq_dist).sum(-1)
+        damping = cfg["damping"].to(sq_dist) if isinstance(cfg["damping"], torch.Tensor) else cfg["damping"]
+        delta = damping_tensor(damping, batch.tasks, len(spec.layers), sq_dist, check=False)
+        objective = objective + 0.5 * ((delta if delta.dim() == 2 else delta[:, None]) * sq_dist).sum(-1)
     meta_loss = objective.mean()
     result = MetaStepResult(
         meta_loss=meta_loss.detach(), query_loss=q_loss.detach(),

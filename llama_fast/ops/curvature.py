@@ -39,7 +39,7 @@ __all__ = ["KronCurvature"]
 MODES = ("exact",)
 
 
-def _damping_tensor(damping, tasks, layers, like, check):
+def damping_tensor(damping, tasks, layers, like, check):
     """The damping as a tensor: ``[T]`` (one delta per task, shared by the layers) or
     ``[T, L]`` (per layer) from a float, a tensor ``[]``, ``[T]`` or ``[T, L]``, or a sequence
     of L floats (one per layer)."""
@@ -116,7 +116,7 @@ def prepare_factors(A, G, damping, scale, check):
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be positive and finite, got {scale}")
     like = A_list[0].rows if isinstance(A_list[0], LowRankFactor) else A_list[0]
-    return A_list, G_list, tasks, _damping_tensor(damping, tasks, len(A_list), like, check), scale
+    return A_list, G_list, tasks, damping_tensor(damping, tasks, len(A_list), like, check), scale
 
 
 class KronCurvature:
@@ -185,7 +185,7 @@ class KronCurvature:
         re-summed from the cached eigenvalues and is a constant (no gradient to the factors);
         build a new ``KronCurvature`` where that gradient is needed.
         """
-        return self._with(_damping_tensor(damping, self.tasks, self.layers, self.evals_G[0], check=True),
+        return self._with(damping_tensor(damping, self.tasks, self.layers, self.evals_G[0], check=True),
                           self.scale)
 
     def with_scale(self, scale) -> "KronCurvature":

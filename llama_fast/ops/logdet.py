@@ -77,7 +77,8 @@ def kron_logdet(A, G=None, damping=1.0, scale=1.0, mode="exact", *, check=False)
             :class:`~llama_fast.LowRankFactor` (``kfac_factors(..., low_rank=True)``), and so may
             a ``G`` (rows without a bias column). A layer with a 0-wide factor adds 0 (the
             log-det of a 0 x 0 matrix, as ``torch.linalg.slogdet``).
-        damping: ``delta > 0``, the prior precision: a float or a per-task tensor ``[T]``.
+        damping: ``delta > 0``, the prior precision: a float, a per-task tensor ``[T]``, or per
+            layer a sequence of L floats or a tensor ``[T, L]``.
         scale: ``s > 0``, the likelihood scale (temperature): a float, or a 0-dim tensor; one
             that requires grad gets its gradient (``d/ds = sum_pq mu_p lambda_q / (s mu_p
             lambda_q + delta)``).
