@@ -41,6 +41,7 @@ SHAPES = [  # (T, M, K, [(g, a) per layer], D)
     (2, 4, 1, [(6, 33), (1, 65)], 2),
     (1, 2, 20, [(20, 41)], 2),
     (2, 1, 3, [(64, 37)], 1),
+    (1, 37, 2, [(3, 4), (2, 5)], 4),    # one task: the CPU kernel splits its inputs into runs
 ]
 
 
@@ -56,6 +57,15 @@ def test_op_matches_oracle(T, M, K, dims, D, residual, dtype, device, rng):
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol * float(expected.abs().max()))
     torch.testing.assert_close(out, out.mT, rtol=0, atol=0)
+
+
+def test_wide_layer_takes_dampings_in_tiles(rng):
+    """A layer of more than 2^20 eigenvector pairs: the CPU kernel holds the weights of one
+    damping at a time (float64: float32 sums of a million terms differ from the oracle's
+    by their own round-off, ~1e-4)."""
+    inputs = op_inputs(rng, 1, 2, 2, [(1024, 1025), (3, 4)], 3, True)
+    torch.testing.assert_close(op(*inputs, 0.7), reference.functional_covariance(*inputs, 0.7),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_many_layers_and_outputs(device, rng):
@@ -235,6 +245,20 @@ def test_rejects_bad_rows(mutate, error, match, rng):
     curvature, a, g = curvature_and_rows(rng)
     with pytest.raises(error, match=match):
         curvature.functional_covariance(*mutate(a, g))
+
+
+def test_unchecked_rows_propagate_nan(rng):
+    """check_finite=False: a NaN row reaches the covariance of its own task and input as NaN
+    (no error), the others' covariances are unchanged."""
+    curvature, a, g = curvature_and_rows(rng)
+    clean = curvature.functional_covariance(a, g)
+    g = [g[0], g[1].clone()]
+    g[1][1, 0] = float("nan")                      # task 1, input 0
+    out = curvature.functional_covariance(a, g, check_finite=False)
+    assert torch.isnan(out[1, 0]).all()
+    keep = torch.ones(out.shape[:2], dtype=torch.bool)
+    keep[1, 0] = False
+    torch.testing.assert_close(out[keep], clean[keep], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("grid,match", [
