@@ -210,7 +210,8 @@ class TaskPosterior:
         once). BatchNorm normalises with x's batch statistics, held constant in the Jacobian:
         rows are per-example, while the outputs stay transductive, as the point estimate's.
         Tasks and inputs are taken in chunks that keep the rows and coordinates within
-        GLM_CHUNK_BYTES."""
+        GLM_CHUNK_BYTES. A NaN or Inf in x (or in the parameters) gives NaN covariances where
+        it reaches, as it gives NaN outputs: the rows are not scanned for it."""
         self._check_inputs(x)
         parts = []
         for span in task_spans(self.tasks, self._glm_task_chunk(x)):
@@ -219,7 +220,7 @@ class TaskPosterior:
             M = g[0].shape[1]
             parts.append(torch.cat([
                 self.curvature.functional_covariance([x_l[:, i:i + step] for x_l in a], [x_l[:, i:i + step] for x_l in g],
-                                                     damping_grid=damping_grid, tasks=slice(*span))
+                                                     damping_grid=damping_grid, tasks=slice(*span), check_finite=False)
                 for i in range(0, M, step)], dim=-3))
         return torch.cat(parts, dim=-4)
 

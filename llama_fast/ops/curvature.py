@@ -327,7 +327,7 @@ class KronCurvature:
 
     # ---- the function-space covariance of a linearised predictive -----------------------------
 
-    def jacobian_coordinates(self, a, g, tasks=None):
+    def jacobian_coordinates(self, a, g, tasks=None, *, check_finite=True):
         """The network Jacobians of M inputs' K outputs in the cached eigenbases, per layer.
 
         Args:
@@ -345,10 +345,13 @@ class KronCurvature:
             do not depend on delta or s: :meth:`functional_covariance` reuses them for any.
 
         ``tasks``: a ``slice`` of this curvature's tasks that the rows belong to (their T is
-        its length), so that the tasks can be taken a few at a time.
+        its length), so that the tasks can be taken a few at a time. ``check_finite=False``
+        skips the scan for NaN / Inf in the rows (a ValueError naming the row tensor
+        otherwise): for rows the caller computed itself, whose non-finite entries should reach
+        the output as NaN, as :meth:`TaskPosterior.functional_covariance`'s do.
         """
         span = self._task_span(tasks)
-        a_list, g_list = self._jacobian_rows(a, g, span)
+        a_list, g_list = self._jacobian_rows(a, g, span, check_finite)
         rotated, residuals = [], []
         for l, (a_l, g_l) in enumerate(zip(a_list, g_list)):
             basis_G = tuple(x[span] for x in self._basis(l, "G"))
@@ -363,7 +366,7 @@ class KronCurvature:
         return rotated, torch.stack([zero if R is None else R for R in residuals])
 
     def functional_covariance(self, a=None, g=None, *, coordinates=None, damping_grid=None, scale=None,
-                              tasks=None):
+                              tasks=None, check_finite=True):
         """``J H^-1 J^T`` per task and input: the covariance of the linearised network's K
         outputs under the posterior ``N(mean, H^-1)``.
 
@@ -379,6 +382,7 @@ class KronCurvature:
             scale: another ``s`` (default: this curvature's), e.g. ``1 / sigma^2`` for a
                 refitted Gaussian noise.
             tasks: a ``slice`` of the tasks the rows (or coordinates) belong to; default all.
+            check_finite: as for :meth:`jacobian_coordinates`.
 
         Returns:
             ``[T, M, K, K]`` (``[D, T, M, K, K]`` with ``damping_grid``); differentiable with
@@ -386,7 +390,7 @@ class KronCurvature:
         """
         span = self._task_span(tasks)
         if coordinates is None:
-            rotated, residual = self.jacobian_coordinates(a, g, span)
+            rotated, residual = self.jacobian_coordinates(a, g, span, check_finite=check_finite)
         elif a is not None or g is not None:
             raise ValueError("pass either the rows a, g or coordinates, not both")
         else:
@@ -408,9 +412,9 @@ class KronCurvature:
             raise ValueError(f"tasks selects no task of the curvature's {self.tasks}: {tasks!r}")
         return slice(start, stop)
 
-    def _jacobian_rows(self, a, g, span):
+    def _jacobian_rows(self, a, g, span, check_finite=True):
         """Validated per-layer lists of a [T, M, R, i'] and g [T, M, K, R, o] (one M, K; T the
-        span's tasks)."""
+        span's tasks); ``check_finite``: also refuse NaN / Inf entries."""
         single = isinstance(a, torch.Tensor)
         a_list, g_list = ([a], [g]) if single else (a, g)
         for x, name in ((a_list, "a"), (g_list, "g")):
@@ -436,7 +440,8 @@ class KronCurvature:
                 if x.dtype != self.dtype or x.device != self.device:
                     raise ValueError(f"{nm} must have the factors' dtype {self.dtype} and device "
                                      f"{self.device}, got {x.dtype} on {x.device}")
-                _checks.check_finite(x, nm)
+                if check_finite:
+                    _checks.check_finite(x, nm)
         return list(a_list), list(g_list)
 
     def _damping_grid(self, grid):

@@ -220,6 +220,23 @@ def test_predict_rejects_bad_arguments(kwargs, match, rng):
         post.predict(qx, **kwargs)
 
 
+def test_nan_inputs_give_nan_predictions(rng):
+    """A NaN query input makes that task's GLM predictions NaN, as its point estimate's (the
+    BatchNorm statistics spread it over the task's queries), not an error or a finite number;
+    the other tasks are untouched."""
+    model = bn_convnet(rng)
+    sx, sy, qx = tasks(rng, 2, 4, 3, (2, 8, 8), "cross_entropy", 3)
+    post = lf.adapt(model, sx, sy, loss="cross_entropy", inner_lr=0.1, damping=0.5)
+    clean = post.predict(qx)
+    qx = qx.clone()
+    qx[1, 0, 0, 2, 2] = float("nan")
+    for pred_type in ("point", "glm"):
+        probs = post.predict(qx, pred_type=pred_type)
+        assert torch.isnan(probs[1]).all()
+        assert torch.isfinite(probs[0]).all()
+    torch.testing.assert_close(post.predict(qx)[0], clean[0], rtol=1e-12, atol=1e-14)
+
+
 def test_probit_formula():
     f = torch.tensor([[1.0, -0.5, 2.0]], dtype=DT)
     cov = torch.diag(torch.tensor([0.5, 2.0, 4.0], dtype=DT)).unsqueeze(0)
