@@ -116,12 +116,16 @@ def _regression_metrics(mean, std, batch) -> dict:
 
 
 def _classification_metrics(probs, labels, point_errors, ood_probs=None) -> dict:
-    """Per-task accuracy, NLL, Brier ``[T]``; pooled ECE and the entropy AUROCs: for the
+    """Per-task accuracy, mean confidence, NLL, Brier ``[T]``; pooled ECE and the entropy AUROCs: for the
     learner's point-estimate errors (``point_errors [T, M]``, the same targets for all its
     columns) and, given ``ood_probs`` (the same posteriors on other tasks' queries), for
     out-of-task queries."""
     onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).double()
-    entry = {"accuracy": (probs.argmax(-1) == labels).double().mean(1), "nll": categorical_nll(probs, labels),
+    entry = {"accuracy": (probs.argmax(-1) == labels).double().mean(1),
+             # Mean largest probability: below the accuracy, the predictions are underconfident
+             # (ECE alone does not say which way they miss).
+             "confidence": probs.amax(-1).double().mean(1),
+             "nll": categorical_nll(probs, labels),
              "brier": ((probs.double() - onehot) ** 2).sum(-1).mean(1),
              # ECE pools every prediction: a task has too few queries for 15 bins.
              "ece": metrics.expected_calibration_error(probs, labels),

@@ -144,6 +144,13 @@ class TaskPosterior:
             return torch.cat([call_tasks(one_task, (0, 0), (fast, x), span)
                               for span in task_spans(self.tasks, self._task_chunk(x))])
 
+    @torch.no_grad()
+    def outputs(self, x):
+        """The network's outputs at the adapted parameters phi_i on ``x [T, M, ...]``,
+        ``[T, M, ...]`` (logits for classification): the mean of the GLM predictive."""
+        self._check_inputs(x)
+        return self._outputs(self.params, x)
+
     def _check_inputs(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.tasks:
             raise ValueError(f"x must be a tensor [T={self.tasks}, M, ...], got "

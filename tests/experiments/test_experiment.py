@@ -6,6 +6,7 @@ error paths are the ones users get.
 
 import json
 import math
+import runpy
 import subprocess
 import sys
 import time
@@ -273,11 +274,17 @@ def test_omniglot_tiny_run_and_oneshot_eval(tmp_path, capsys):
     summary = json.loads((out / "metrics.json").read_text())
     for name in ("maml_point", "maml_glm", "llama_point", "llama_glm", "llama_nn"):
         test = summary["results"][name]["test"]
-        assert {"accuracy", "nll", "ece", "brier", "auroc_errors", "auroc_ood"} <= set(test)
+        assert {"accuracy", "confidence", "nll", "ece", "brier", "auroc_errors", "auroc_ood"} <= set(test)
         assert 0.0 <= test["auroc_errors"] <= 1.0 and 0.0 <= test["auroc_ood"] <= 1.0
+        assert 1 / 5 <= test["confidence"]["mean"] <= 1.0
     assert summary["posterior"]["llama"]["test"] == {**summary["posterior"]["llama"]["test"], "damping": 1.0,
                                                      "objective": "fixed"}
     assert "llama_glm - maml_glm" in summary["paired"]["test"]
+    glm_variants = runpy.run_path(str(REPO / "scripts" / "glm_variants.py"))
+    glm_variants["main"]([str(out), "--steps", "1"])
+    printed = capsys.readouterr().out
+    for name in ("point", "scaled", "last-layer", "scaled T=1", "last-layer T=1"):
+        assert printed.count(f"  {name:16s} confidence") == 2, name     # one line per learner
     runs = _tiny_oneshot_runs(tmp_path / "all_runs")
     assert cli.main(["eval", str(out), "--oneshot-runs", str(runs)]) == 0
     evaluated = json.loads((out / "eval.json").read_text())["results"]

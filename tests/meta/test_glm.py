@@ -220,6 +220,17 @@ def test_predict_rejects_bad_arguments(kwargs, match, rng):
         post.predict(qx, **kwargs)
 
 
+def test_outputs_are_the_point_logits(rng):
+    model = bn_convnet(rng)
+    sx, sy, qx = tasks(rng, 2, 4, 3, (2, 8, 8), "cross_entropy", 3)
+    post = lf.adapt(model, sx, sy, loss="cross_entropy", inner_lr=0.1, damping=0.5)
+    logits = post.outputs(qx)
+    assert logits.shape == (2, 3, 3) and not logits.requires_grad
+    torch.testing.assert_close(torch.softmax(logits, -1), post.predict(qx, pred_type="point"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="x must be a tensor"):
+        post.outputs(qx[:1])
+
+
 def test_nan_inputs_give_nan_predictions(rng):
     """A NaN query input makes that task's GLM predictions NaN, as its point estimate's (the
     BatchNorm statistics spread it over the task's queries), not an error or a finite number;
