@@ -162,6 +162,10 @@ def _add_train_parser(sub) -> None:
                             "is the base config unless --config is given)")
     train.add_argument("--first-order", dest="first_order", action="store_true", default=argparse.SUPPRESS,
                        help="first-order meta-gradients (no backprop through the inner loop)")
+    train.add_argument("--learn-damping", dest="learn_damping", action="store_true", default=argparse.SUPPRESS,
+                       help="LLAMA: meta-learn one prior precision delta per K-FAC layer (log delta beside "
+                            "theta in Adam) through the Laplace evidence's prior and Occam terms; its "
+                            "evaluation then uses the learned deltas")
     train.add_argument("--force", action="store_true", default=False,
                        help=f"write into an --output folder that holds files but is not a run (no "
                             f"{CONFIG_FILE}); its metrics.csv, metrics.json and plots are replaced")

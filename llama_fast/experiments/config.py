@@ -68,6 +68,7 @@ class ExperimentConfig:
     eta: float = 1.0   # per K-FAC parameter (meta_step logdet_norm="parameters"); docs/experiments.md#choosing-eta
     damping: float | str = "auto"
     damping_objective: str = "evidence-nll"
+    learn_damping: bool = False   # LLAMA: per-layer log delta meta-learned through the evidence terms
     noise: float | str = "auto"
     fisher: str = "exact"
     shots: int | None = None
@@ -136,6 +137,8 @@ class ExperimentConfig:
             if self.shots + self.query_shots > OMNIGLOT_DRAWINGS:
                 raise ConfigError(f"shots + query_shots = {self.shots + self.query_shots}; an Omniglot "
                                   f"class has only {OMNIGLOT_DRAWINGS} drawings")
+        if self.learn_damping and "llama" not in self.algorithm:
+            raise ConfigError("learn_damping: meta-learns LLAMA's prior precision; the run has no llama")
         if self.oneshot_runs is not None and not Path(self.oneshot_runs).is_dir():
             raise ConfigError(f"oneshot_runs: {self.oneshot_runs} is not a directory")
 
@@ -284,6 +287,7 @@ FIELD_CHECKS = {
     "inner_lr": _check_float(0.0, strict=True),
     "inner_steps": _check_int(1),
     "first_order": _check_bool,
+    "learn_damping": _check_bool,
     "eta": _check_float(0.0, strict=False),
     "damping": _check_damping,
     "damping_objective": lambda n, v: _check_choice(n, v, DAMPING_OBJECTIVES),

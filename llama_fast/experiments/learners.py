@@ -24,6 +24,15 @@ class Learner:
     name: str
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    # --learn-damping (LLAMA): log delta per K-FAC layer [L], meta-learned beside the model's
+    # parameters by the same optimizer (meta_step's evidence_prior); None: delta is not learned.
+    log_damping: torch.Tensor | None = None
+
+    def learned_damping(self) -> tuple | None:
+        """The learned per-layer deltas (floats), or None."""
+        if self.log_damping is None:
+            return None
+        return tuple(float(x) for x in self.log_damping.detach().exp())
 
 
 def loss_name(config) -> str:
@@ -44,7 +53,13 @@ def build_learners(config, device) -> list[Learner]:
     for name in config.algorithm:
         model = build_model(config).to(device)
         model.load_state_dict(template.state_dict())
-        learners.append(Learner(name, model, torch.optim.Adam(model.parameters(), lr=config.meta_lr)))
+        params, log_damping = list(model.parameters()), None
+        if config.learn_damping and name == "llama":
+            # Starts at the training delta of 1 (log 0) for every layer.
+            layers = len(meta.functional.inspect_model(model).layers)
+            log_damping = torch.zeros(layers, device=device, requires_grad=True)
+            params.append(log_damping)
+        learners.append(Learner(name, model, torch.optim.Adam(params, lr=config.meta_lr), log_damping))
     return learners
 
 

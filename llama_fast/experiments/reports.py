@@ -20,7 +20,7 @@ def summary(trainer, evaluation, wall_s) -> dict:
     c = trainer.config
     return {"task": c.task, "iterations": trainer.iteration, "eval_tasks": c.eval_tasks,
             "samples": c.samples, "training_damping": trainer.damping, "damping_mode": str(c.damping),
-            "damping_objective": c.damping_objective,
+            "damping_objective": c.damping_objective, "learn_damping": c.learn_damping,
             "damping_history": [list(x) for x in trainer.damping_history],
             # Per learner and setting: delta (per layer under evidence), whether it sits at the
             # grid's edge, the objective over the grid, and (sinusoid) sigma per column.
@@ -44,6 +44,8 @@ def damping_note(trainer) -> str:
         note = f"posterior delta chosen {how} on meta-validation tasks, per learner and setting"
     else:
         note = f"posterior delta = {trainer.eval_damping:g} (fixed)"
+    if c.learn_damping:
+        note += "; LLAMA's deltas meta-learned per layer (--learn-damping)"
     note += f", S = {c.samples}"
     if c.task == "sinusoid":
         note += (", sigma fitted per setting and column on the meta-validation tasks"

@@ -133,7 +133,8 @@ class PosteriorChoice:
         if self.objective == "evidence-nll":   # the largest factor: the posterior is switched off
             top = self.scale_curve and min(self.scale_curve, key=lambda row: row[1])[0] == SCALE_GRID[-1]
             return [bool(top) or e in (DAMPING_GRID[0], DAMPING_GRID[-1]) for e in self.evidence_damping]
-        return [self.objective != "fixed" and d in (DAMPING_GRID[0], DAMPING_GRID[-1]) for d in values]
+        on_grid = self.objective not in ("fixed", "learned")
+        return [on_grid and d in (DAMPING_GRID[0], DAMPING_GRID[-1]) for d in values]
 
     def as_json(self) -> dict:
         damping = list(self.damping) if isinstance(self.damping, tuple) else self.damping
@@ -205,7 +206,8 @@ def choose_posterior(trainer, learner, shots, steps) -> PosteriorChoice:
     ``steps`` inner steps), chosen on the meta-validation tasks.
 
     Regression first fits the point estimate's sigma (it does not depend on delta) and builds
-    the curvature with it (scale 1/sigma^2); then delta: under damping "auto" per layer by the
+    the curvature with it (scale 1/sigma^2); then delta: a learner's meta-learned deltas
+    (``--learn-damping``), else under damping "auto" per layer by the
     Laplace evidence ("evidence"), those deltas scaled by the factor >= 1 with the lowest GLM
     predictive NLL ("evidence-nll", the GLM's sigma fitted jointly) or isotropic by that NLL
     ("nll"), else the fixed value; then each remaining column's own sigma, with that delta.
@@ -220,7 +222,10 @@ def choose_posterior(trainer, learner, shots, steps) -> PosteriorChoice:
     if trainer.loss == "mse":
         _fit_column_noise(trainer, post, batch, names[0], choice)
         post = post.with_noise(choice.noise[names[0]])
-    if not fixed and c.damping_objective in ("evidence", "evidence-nll"):
+    learned = learner.learned_damping()
+    if learned is not None:   # --learn-damping: LLAMA's meta-learned deltas, whatever --damping says
+        choice.damping, choice.objective = learned, "learned"
+    elif not fixed and c.damping_objective in ("evidence", "evidence-nll"):
         choice.damping, choice.curve = evidence_damping(post, learner.model, batch.support_x, batch.support_y,
                                                         trainer.loss)
         choice.objective = "evidence"
@@ -265,7 +270,7 @@ def choice_message(learner, setting, choice) -> str:
     shown = ", ".join(f"{d:g}" + (" (grid edge)" if edge else "") for d, edge in zip(deltas, choice.at_grid_edge()))
     what = {"evidence": "per layer by the Laplace evidence", "nll": "by the GLM predictive NLL",
             "evidence-nll": "per layer by the Laplace evidence, scaled by the GLM predictive NLL",
-            "fixed": "fixed"}[choice.objective]
+            "learned": "per layer, meta-learned", "fixed": "fixed"}[choice.objective]
     line = f"posterior {learner.upper()} {setting}: delta {what}: {shown}"
     if choice.noise:
         line += "; sigma " + ", ".join(f"{k.upper().replace('_', ' ')} {v:.3g}" for k, v in choice.noise.items())

@@ -14,7 +14,7 @@ from ..meta import distributed
 from . import data, metrics
 from .checkpoint import (CheckpointError, TrainingDiverged, capture_rng_state, check_algorithms,
                          load_checkpoint, restore_rng_state, save_checkpoint)
-from .config import CHECKPOINT_FILE, ExperimentConfig
+from .config import CHECKPOINT_FILE, ConfigError, ExperimentConfig
 from .learners import VAL_RANK, VAL_TASKS, Tasks, build_learners, loss_name, task_batch
 from .selection import select_damping
 
@@ -73,6 +73,10 @@ class Trainer:
         self.out = Path(config.output)
         self.loss = loss_name(config)
         self.tasks = Tasks(config, self.device, self.ctx.rank, self.ctx.world_size)
+        if config.learn_damping and self.ctx.world_size > 1:
+            # The gradient all-reduce covers the models' parameters, not the learned log delta.
+            raise ConfigError("learn_damping: not supported with several processes (torchrun); "
+                              "train in one process")
         self.learners = build_learners(config, self.device)
         # Distributed: each learner's gradient all-reduce, built once (None: a single process).
         self.grad_syncs = {l.name: None for l in self.learners}
@@ -115,7 +119,9 @@ class Trainer:
         state = {"iteration": self.iteration, "damping": self.damping, "eval_damping": self.eval_damping,
                  "damping_history": [list(x) for x in self.damping_history],
                  "models": self.model_states(),
-                 "optimizers": {l.name: l.optimizer.state_dict() for l in self.learners}}
+                 "optimizers": {l.name: l.optimizer.state_dict() for l in self.learners},
+                 "log_damping": {l.name: l.log_damping.detach().clone() for l in self.learners
+                                 if l.log_damping is not None}}
         if ranks is None:
             state["rng"] = self.rng_state()
         else:
@@ -128,6 +134,14 @@ class Trainer:
         self.damping_history = [tuple(x) for x in state.get("damping_history", [])]
         for learner in self.learners:
             learner.model.load_state_dict(state["models"][learner.name])
+            if learner.log_damping is not None:
+                learned = state.get("log_damping", {}).get(learner.name)
+                if learned is None:
+                    raise CheckpointError(self.out / CHECKPOINT_FILE, "holds no learned delta for "
+                                          f"{learner.name.upper()}: it was written by a run without "
+                                          "--learn-damping")
+                with torch.no_grad():
+                    learner.log_damping.copy_(learned)
             if "optimizers" in state:
                 learner.optimizer.load_state_dict(state["optimizers"][learner.name])
         rng = self._own_rng_state(state)
@@ -184,11 +198,15 @@ class Trainer:
         stats = {}
         for learner in self.learners:
             llama = learner.name == "llama"
+            damping = self.damping if llama else None
+            if learner.log_damping is not None:
+                damping = learner.log_damping.exp().expand(batch.tasks, -1)
             out = meta.meta_step(learner.model, batch, learner.optimizer, algorithm=learner.name,
                                  loss=self.loss, inner_lr=c.inner_lr, inner_steps=c.inner_steps,
-                                 eta=c.eta if llama else None, damping=self.damping if llama else None,
+                                 eta=c.eta if llama else None, damping=damping,
                                  fisher=c.fisher, first_order=c.first_order,
-                                 grad_sync=self.grad_syncs[learner.name])
+                                 grad_sync=self.grad_syncs[learner.name],
+                                 evidence_prior=learner.log_damping is not None)
             stats[learner.name] = _step_row(out, global_means=self.ctx.group is not None)
             streak = self.nonfinite_streak[learner.name]
             self.nonfinite_streak[learner.name] = streak + 1 if out.step_skipped else 0

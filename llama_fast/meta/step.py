@@ -12,6 +12,9 @@ Meta-objective per task (docs/ops.md, "Conventions")::
 
     J_i = mean_loss(phi_i, D^Q) + eta * log det H_i(phi_i) / P [+ delta/2 ||phi_i - theta||^2]
 
+(``evidence_prior``: ``eta / P * (log det H_i + sum_l delta_l ||phi_i,l - theta_l||^2 - P_l log
+delta_l)``, the Laplace evidence's prior and Occam terms, through which delta can be learned)
+
 with P the number of K-FAC parameters (``logdet_norm="parameters"``; ``"none"``: P = 1).
     H_i = s * (G (x) A) + delta * I  per K-FAC layer, on D^S (curvature_on="support") or D^Q
 
@@ -71,7 +74,7 @@ LOGDET_NORMS = ("parameters", "none")
 
 
 def _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fisher,
-              curvature_on, first_order, prior_term, backend, mc_samples, tasks, logdet_norm):
+              curvature_on, first_order, prior_term, backend, mc_samples, tasks, logdet_norm, evidence_prior):
     """Validated settings of one step."""
     choice(algorithm, ALGORITHMS, "algorithm")
     choice(loss, LOSSES, "loss")
@@ -89,7 +92,11 @@ def _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fishe
                inner_steps=inner_steps, fisher=fisher, curvature_on=curvature_on,
                first_order=bool(first_order) or algorithm == "fomaml", backend=backend,
                mc_samples=int(mc_samples), llama=llama, eta=0.0, damping=None, scale=1.0,
-               logdet_norm=logdet_norm)
+               logdet_norm=logdet_norm, evidence_prior=bool(evidence_prior))
+    if evidence_prior and not llama:
+        raise ValueError("evidence_prior completes LLAMA's log-det term: it needs algorithm='llama'")
+    if evidence_prior and prior_term:
+        raise ValueError("evidence_prior already holds delta ||phi - theta||^2: leave prior_term False")
     if llama:
         if eta is None:
             raise ValueError("eta (the weight of the log-det term, >= 0) is required for algorithm='llama'")
@@ -137,6 +144,20 @@ def _layer_sq_dist(spec, phi, theta):
                         for layer in spec.layers])
 
 
+def _evidence_prior(spec, theta, damping, sq_dist):
+    """``sum_l delta_l ||phi_l - theta_l||^2 - P_l log delta_l`` per task, [T]: with log det H_i,
+    -2 times the Laplace evidence's prior and Occam terms (the likelihood aside), so that the
+    meta-gradient reaches a damping tensor that requires grad. delta -> 0 does not minimise it
+    (-P_l log delta_l outgrows the log-det's fall) nor delta -> inf (the distance term)."""
+    T, L = sq_dist.shape
+    damping = damping.to(sq_dist) if isinstance(damping, torch.Tensor) else damping
+    delta = damping_tensor(damping, T, L, sq_dist, check=False)
+    delta = delta if delta.dim() == 2 else delta[:, None]
+    counts = sq_dist.new_tensor([sum(theta[k].numel() for k in (layer.weight, layer.bias) if k is not None)
+                                 for layer in spec.layers])
+    return (delta * sq_dist - counts * torch.log(delta)).sum(-1)
+
+
 def _logdet_divisor(spec, theta, cfg) -> int:
     """P, the number of K-FAC parameters, under logdet_norm="parameters" (else 1): eta then
     weighs the mean log-eigenvalue of H_i, which does not grow with the network: eta = 1 suits
@@ -167,7 +188,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
                    inner_steps=1, eta=None, damping=None, scale=1.0, fisher="exact",
                    curvature_on="support", first_order=False, prior_term=False,
                    backend="kernels", mc_samples=1, generator=None, task_chunk="auto", params=None,
-                   clock=None, logdet_norm="parameters"):
+                   clock=None, logdet_norm="parameters", evidence_prior=False):
     """The differentiable meta-loss of one batch (meta_step without backward and step).
 
     Takes meta_step's arguments, plus ``params``: an optional dict that replaces the model's
@@ -176,7 +197,8 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"batch must be a llama_fast.TaskBatch, got {type(batch).__name__}")
     cfg = _settings(algorithm, loss, inner_lr, inner_steps, eta, damping, scale, fisher,
-                    curvature_on, first_order, prior_term, backend, mc_samples, batch.tasks, logdet_norm)
+                    curvature_on, first_order, prior_term, backend, mc_samples, batch.tasks, logdet_norm,
+                    evidence_prior)
     clock = clock or _Clock(False, batch.device)
     spec = inspect_model(model)
     theta, rest = split_params(model, spec, params)
@@ -192,7 +214,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
         if cfg["llama"] and cfg["fisher"] == "mc":
             noise = mc_noise(loss, cfg["mc_samples"], batch.tasks, cx.shape[1], out_shape,
                              batch.support_x, generator)
-        one_task = _task_function(net, theta, rest, cfg, layer_shapes, prior_term)
+        one_task = _task_function(net, theta, rest, cfg, layer_shapes, prior_term or cfg["evidence_prior"])
         in_dims = (0, 0, 0, 0, None if noise is None else 0)
         chunk = resolve_task_chunk(task_chunk, batch.tasks, batch.device, cx.shape[1], layer_shapes,
                                    batch.support_x.element_size())
@@ -206,7 +228,11 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
     if cfg["llama"]:
         logdet = curvature_logdet(factors, cfg["damping"], cfg["scale"], cfg["backend"])
         clock.lap("curvature")
-    objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet / _logdet_divisor(spec, theta, cfg)
+    if cfg["evidence_prior"]:
+        logdet_terms = logdet + _evidence_prior(spec, theta, cfg["damping"], sq_dist)
+        objective = q_loss + cfg["eta"] * logdet_terms / _logdet_divisor(spec, theta, cfg)
+    else:
+        objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet / _logdet_divisor(spec, theta, cfg)
     if prior_term:
         damping = cfg["damping"].to(sq_dist) if isinstance(cfg["damping"], torch.Tensor) else cfg["damping"]
         delta = damping_tensor(damping, batch.tasks, len(spec.layers), sq_dist, check=False)
@@ -223,7 +249,7 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
               inner_steps=1, eta=None, damping=None, scale=1.0, fisher="exact",
               curvature_on="support", first_order=False, prior_term=False, backend="kernels",
               mc_samples=1, generator=None, task_chunk="auto", timings=False, grad_sync=None,
-              logdet_norm="parameters"):
+              logdet_norm="parameters", evidence_prior=False):
     """One meta-training step on a TaskBatch: adapt all tasks, meta-loss, backward, step.
 
     Args:
@@ -251,6 +277,12 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
             then shares the query forward pass).
         first_order: drop the inner loop's second-order terms (LLAMA or MAML).
         prior_term: add ``delta/2 ||phi_i - theta||^2`` to each task's objective.
+        evidence_prior: LLAMA: the log-det term becomes the Laplace evidence's prior and Occam
+            terms, ``eta / P * (log det H_i + sum_l delta_l ||phi_i,l - theta_l||^2 - P_l log
+            delta_l)`` (P_l: layer l's K-FAC parameters): pass ``damping`` as a positive tensor
+            that requires grad (e.g. ``log_delta.exp().expand(T, L)`` with ``log_delta`` [L] in
+            the optimizer) to learn the prior precision with theta. Without the two prior terms
+            the meta-gradient would drive delta to 0.
         backend: "kernels" (llama_fast ops; low-rank A where cheaper) or "reference"
             (llama_fast.reference, dense): same math, for comparisons.
         task_chunk: tasks per vmapped call: None (all T in one), an int, or "auto" (the
@@ -289,7 +321,8 @@ def meta_step(model, batch, optimizer, *, algorithm="llama", loss="cross_entropy
         model, batch, algorithm=algorithm, loss=loss, inner_lr=inner_lr, inner_steps=inner_steps,
         eta=eta, damping=damping, scale=scale, fisher=fisher, curvature_on=curvature_on,
         first_order=first_order, prior_term=prior_term, backend=backend, mc_samples=mc_samples,
-        generator=generator, task_chunk=task_chunk, clock=clock, logdet_norm=logdet_norm)
+        generator=generator, task_chunk=task_chunk, clock=clock, logdet_norm=logdet_norm,
+        evidence_prior=evidence_prior)
     if grad_sync is None:
         meta_loss.backward()
         result.global_means = local_means(result, batch.tasks)

@@ -19,6 +19,8 @@ import torch
 import llama_fast as lf
 from llama_fast.experiments import cli, selection, training
 from llama_fast.experiments.checkpoint import load_checkpoint
+from llama_fast.experiments.config import ConfigError, ExperimentConfig
+from llama_fast.meta import distributed
 
 from corrupt import flip_bit_in_tensor_bytes   # tests/helpers
 
@@ -441,3 +443,34 @@ def test_fixed_noise_is_used_and_stored(tmp_path, capsys):
         choice = summary["posterior"]["maml"][setting]
         assert choice["noise"] == {"maml_point": 0.5, "maml_glm": 0.5} and choice["noise_curve"] == {}
     assert "noise auto" not in capsys.readouterr().out
+
+
+@pytest.mark.integration   # a training run through the CLI
+def test_learned_damping_trains_resumes_and_evaluates(tmp_path, capsys):
+    """--learn-damping: LLAMA's log delta per K-FAC layer moves from 0 with theta, is
+    checkpointed (a resumed run ends where an uninterrupted one does), and LLAMA's evaluation
+    uses the learned deltas while MAML's keeps the validation choice."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train(whole, "--learn-damping") == 0
+    assert train(split, "--learn-damping", "--iterations", "4") == 0
+    assert cli.main(["train", "--output", str(split), "--resume", "--iterations", "6"]) == 0
+    learned = load_checkpoint(whole / "checkpoint.pt")["log_damping"]
+    assert set(learned) == {"llama"} and learned["llama"].shape == (3,)
+    assert bool((learned["llama"] != 0).all())
+    torch.testing.assert_close(load_checkpoint(split / "checkpoint.pt")["log_damping"]["llama"], learned["llama"],
+                               rtol=0, atol=0)
+    summary = json.loads((whole / "metrics.json").read_text())
+    assert summary["learn_damping"] is True
+    deltas = learned["llama"].exp().tolist()
+    for setting, choice in summary["posterior"]["llama"].items():
+        assert choice["objective"] == "learned" and choice["damping"] == pytest.approx(deltas, rel=1e-6), setting
+        assert choice["at_grid_edge"] == [False] * 3
+    assert all(c["objective"] == "evidence-nll" for c in summary["posterior"]["maml"].values())
+    assert "delta per layer, meta-learned" in capsys.readouterr().out
+
+
+def test_learned_damping_needs_one_process(tmp_path):
+    config = ExperimentConfig.from_sources(None, {"learn_damping": True, "output": str(tmp_path / "d")})
+    with pytest.raises(ConfigError, match="several processes"):
+        training.Trainer(config, distributed.DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"),
+                                                         group=None))
