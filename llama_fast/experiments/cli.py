@@ -95,6 +95,7 @@ _FLAGS = {
     "iterations": ("--iterations", int, "N", "meta-training iterations (default: 70000 sinusoid, 60000 omniglot)"),
     "meta_batch": ("--meta-batch", int, "T", "tasks per meta-update (default: 25 sinusoid, 32 omniglot)"),
     "meta_lr": ("--meta-lr", float, "LR", "outer-loop Adam learning rate (default: 0.001)"),
+    "damping_lr": ("--damping-lr", float, "LR", "--learn-damping: Adam learning rate of log delta (default: 0.01)"),
     "inner_lr": ("--inner-lr", float, "ALPHA", "inner-loop SGD step size (default: 0.01 sinusoid, 0.4 omniglot)"),
     "inner_steps": ("--inner-steps", int, "K", "inner-loop gradient steps (default: 1)"),
     "eta": ("--eta", float, "ETA", "LLAMA weight of log det H_i / P (P: the K-FAC parameters), >= 0 (default: 1)"),

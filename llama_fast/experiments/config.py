@@ -69,6 +69,7 @@ class ExperimentConfig:
     damping: float | str = "auto"
     damping_objective: str = "evidence-nll"
     learn_damping: bool = False   # LLAMA: per-layer log delta meta-learned through the evidence terms
+    damping_lr: float = 0.01      # its Adam learning rate (a hyperparameter: laplace-torch's marglik uses 0.1)
     noise: float | str = "auto"
     fisher: str = "exact"
     shots: int | None = None
@@ -284,6 +285,7 @@ FIELD_CHECKS = {
     "iterations": _check_int(1),
     "meta_batch": _check_int(1),
     "meta_lr": _check_float(0.0, strict=True),
+    "damping_lr": _check_float(0.0, strict=True),
     "inner_lr": _check_float(0.0, strict=True),
     "inner_steps": _check_int(1),
     "first_order": _check_bool,

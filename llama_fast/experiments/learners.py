@@ -53,13 +53,14 @@ def build_learners(config, device) -> list[Learner]:
     for name in config.algorithm:
         model = build_model(config).to(device)
         model.load_state_dict(template.state_dict())
-        params, log_damping = list(model.parameters()), None
+        groups, log_damping = [{"params": list(model.parameters())}], None
         if config.learn_damping and name == "llama":
-            # Starts at the training delta of 1 (log 0) for every layer.
+            # Starts at the training delta of 1 (log 0) for every layer, with its own step size:
+            # at the weights' 1e-3 Adam moves log delta by at most ~0.4 in 400 iterations.
             layers = len(meta.functional.inspect_model(model).layers)
             log_damping = torch.zeros(layers, device=device, requires_grad=True)
-            params.append(log_damping)
-        learners.append(Learner(name, model, torch.optim.Adam(params, lr=config.meta_lr), log_damping))
+            groups.append({"params": [log_damping], "lr": config.damping_lr})
+        learners.append(Learner(name, model, torch.optim.Adam(groups, lr=config.meta_lr), log_damping))
     return learners
 
 

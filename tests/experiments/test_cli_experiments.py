@@ -75,6 +75,7 @@ TRAIN_BAD = {  # flag: (the arguments after "train", the expected error)
     "--iterations": (["sinusoid", "--iterations", "ten"], "expected an integer"),
     "--meta-batch": (["sinusoid", "--meta-batch", "0"], "must be >= 1"),
     "--meta-lr": (["sinusoid", "--meta-lr", "0"], "must be > 0"),
+    "--damping-lr": (["sinusoid", "--damping-lr", "-1"], "argument --damping-lr: must be > 0"),
     "--inner-lr": (["sinusoid", "--inner-lr", "-0.1"], "must be > 0"),
     "--inner-steps": (["sinusoid", "--inner-steps", "1.5"], "expected an integer"),
     "--eta": (["sinusoid", "--eta", "-1"], "must be >= 0"),

@@ -474,3 +474,13 @@ def test_learned_damping_needs_one_process(tmp_path):
     with pytest.raises(ConfigError, match="several processes"):
         training.Trainer(config, distributed.DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"),
                                                          group=None))
+
+
+def test_learned_damping_has_its_own_step_size(tmp_path):
+    config = ExperimentConfig.from_sources(None, {"learn_damping": True, "damping_lr": 0.05,
+                                                  "output": str(tmp_path / "d")})
+    maml, llama = training.build_learners(config, torch.device("cpu"))
+    assert maml.log_damping is None and len(maml.optimizer.param_groups) == 1
+    weights, deltas = llama.optimizer.param_groups
+    assert weights["lr"] == config.meta_lr and deltas["lr"] == 0.05
+    assert deltas["params"] == [llama.log_damping] and llama.learned_damping() == (1.0, 1.0, 1.0)
