@@ -144,15 +144,21 @@ def _layer_sq_dist(spec, phi, theta):
                         for layer in spec.layers])
 
 
+def _layer_deltas(damping, sq_dist):
+    """delta per task and K-FAC layer, ``[T, L]`` (``[T, 1]`` where one delta serves every
+    layer), in the dtype and device of ``sq_dist [T, L]``."""
+    T, L = sq_dist.shape
+    damping = damping.to(sq_dist) if isinstance(damping, torch.Tensor) else damping
+    delta = damping_tensor(damping, T, L, sq_dist, check=False)
+    return delta if delta.dim() == 2 else delta[:, None]
+
+
 def _evidence_prior(spec, theta, damping, sq_dist):
     """``sum_l delta_l ||phi_l - theta_l||^2 - P_l log delta_l`` per task, [T]: with log det H_i,
     -2 times the Laplace evidence's prior and Occam terms (the likelihood aside), so that the
     meta-gradient reaches a damping tensor that requires grad. delta -> 0 does not minimise it
     (-P_l log delta_l outgrows the log-det's fall) nor delta -> inf (the distance term)."""
-    T, L = sq_dist.shape
-    damping = damping.to(sq_dist) if isinstance(damping, torch.Tensor) else damping
-    delta = damping_tensor(damping, T, L, sq_dist, check=False)
-    delta = delta if delta.dim() == 2 else delta[:, None]
+    delta = _layer_deltas(damping, sq_dist)
     counts = sq_dist.new_tensor([sum(theta[k].numel() for k in (layer.weight, layer.bias) if k is not None)
                                  for layer in spec.layers])
     return (delta * sq_dist - counts * torch.log(delta)).sum(-1)
@@ -234,9 +240,7 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
     else:
         objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet / _logdet_divisor(spec, theta, cfg)
     if prior_term:
-        damping = cfg["damping"].to(sq_dist) if isinstance(cfg["damping"], torch.Tensor) else cfg["damping"]
-        delta = damping_tensor(damping, batch.tasks, len(spec.layers), sq_dist, check=False)
-        objective = objective + 0.5 * ((delta if delta.dim() == 2 else delta[:, None]) * sq_dist).sum(-1)
+        objective = objective + 0.5 * (_layer_deltas(cfg["damping"], sq_dist) * sq_dist).sum(-1)
     meta_loss = objective.mean()
     result = MetaStepResult(
         meta_loss=meta_loss.detach(), query_loss=q_loss.detach(),
