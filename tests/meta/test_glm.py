@@ -232,7 +232,7 @@ def test_outputs_are_the_point_logits(rng):
 
 
 def test_nan_inputs_give_nan_predictions(rng):
-    """A NaN query input makes that task's GLM predictions NaN, as its point estimate's (the
+    """A NaN query input makes that task's predictions NaN in every pred_type (the
     BatchNorm statistics spread it over the task's queries), not an error or a finite number;
     the other tasks are untouched."""
     model = bn_convnet(rng)
@@ -241,8 +241,8 @@ def test_nan_inputs_give_nan_predictions(rng):
     clean = post.predict(qx)
     qx = qx.clone()
     qx[1, 0, 0, 2, 2] = float("nan")
-    for pred_type in ("point", "glm"):
-        probs = post.predict(qx, pred_type=pred_type)
+    for pred_type in ("point", "glm", "nn"):
+        probs = post.predict(qx, pred_type=pred_type, num_samples=4)
         assert torch.isnan(probs[1]).all()
         assert torch.isfinite(probs[0]).all()
     torch.testing.assert_close(post.predict(qx)[0], clean[0], rtol=1e-12, atol=1e-14)
