@@ -230,6 +230,8 @@ def _train_config(parser, args) -> ExperimentConfig:
     if not config.resume and not getattr(args, "force", False) and _holds_other_files(Path(config.output)):
         parser.error(f"{config.output} holds files but is not a llama-fast run (no {CONFIG_FILE}); "
                      "choose another --output, or pass --force to write into it")
+    if config.learn_damping and "llama" not in config.algorithm:
+        parser.error("--learn-damping meta-learns LLAMA's prior precision; --algorithm has no llama")
     world_size = distributed.launched_world_size()
     if config.meta_batch < world_size:
         parser.error(f"--meta-batch {config.meta_batch} cannot give each of the {world_size} "

@@ -138,8 +138,6 @@ class ExperimentConfig:
             if self.shots + self.query_shots > OMNIGLOT_DRAWINGS:
                 raise ConfigError(f"shots + query_shots = {self.shots + self.query_shots}; an Omniglot "
                                   f"class has only {OMNIGLOT_DRAWINGS} drawings")
-        if self.learn_damping and "llama" not in self.algorithm:
-            raise ConfigError("learn_damping: meta-learns LLAMA's prior precision; the run has no llama")
         if self.oneshot_runs is not None and not Path(self.oneshot_runs).is_dir():
             raise ConfigError(f"oneshot_runs: {self.oneshot_runs} is not a directory")
 

@@ -97,7 +97,7 @@ TRAIN_BAD = {  # flag: (the arguments after "train", the expected error)
     "--resume": (["sinusoid", "--resume"], "--resume needs --output"),
     "--first-order": (["sinusoid", "--first-order=yes"], "ignored explicit argument 'yes'"),
     "--learn-damping": (["sinusoid", "--algorithm", "maml", "--learn-damping"],
-                        "learn_damping: meta-learns LLAMA's prior precision; the run has no llama"),
+                        "--learn-damping meta-learns LLAMA's prior precision; --algorithm has no llama"),
     "--force": (["sinusoid", "--force=yes"], "ignored explicit argument 'yes'"),
 }
 

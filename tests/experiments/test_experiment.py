@@ -467,6 +467,8 @@ def test_learned_damping_trains_resumes_and_evaluates(tmp_path, capsys):
         assert choice["at_grid_edge"] == [False] * 3
     assert all(c["objective"] == "evidence-nll" for c in summary["posterior"]["maml"].values())
     assert "delta per layer, meta-learned" in capsys.readouterr().out
+    # Evaluating MAML alone from such a run needs no learned delta.
+    assert cli.main(["eval", str(whole), "--algorithm", "maml", "--eval-tasks", "2"]) == 0
 
 
 def test_learned_damping_needs_one_process(tmp_path):
