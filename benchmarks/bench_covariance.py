@@ -60,8 +60,6 @@ seconds on an idle CPU), not a figure.
 import contextlib
 import copy
 import functools
-import statistics
-import time
 
 import pytest
 import torch
@@ -71,7 +69,7 @@ import llama_fast as lf
 from llama_fast import reference
 from llama_fast.experiments.selection import DAMPING_GRID
 from llama_fast.meta.functional import constant_batch_statistics
-from lf_workloads import paired_benchmark, timed_call
+from lf_workloads import paired_benchmark
 
 TASKS = 32
 QUICK_TASKS = {"op": 2, "glm": 1}   # tasks per case without --benchmark
@@ -93,22 +91,10 @@ def quick(request):
 def paired(benchmark, kernels, ref, device, *args, quick=False):
     """lf_workloads.paired_benchmark; in quick mode one paired round without warm-up (the
     figures of such a run mean nothing: it only exercises the suite)."""
-    if not quick:
+    if quick:
+        paired_benchmark(benchmark, kernels, ref, device, *args, rounds=1, warmup=False)
+    else:
         paired_benchmark(benchmark, kernels, ref, device, *args)
-        return
-    kernels, ref = timed_call(kernels, device), timed_call(ref, device)
-    times = []
-
-    def time_reference():
-        start = time.perf_counter()
-        ref(*args)
-        times.append(time.perf_counter() - start)
-        return args, {}
-
-    benchmark.extra_info["impl"] = "kernels"
-    benchmark.pedantic(kernels, setup=time_reference, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info["reference_median"] = statistics.median(times)
-    benchmark.extra_info["reference_rounds"] = len(times)
 
 
 # ---- 1. the op against the oracle ---------------------------------------------------------------

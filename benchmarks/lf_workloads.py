@@ -68,16 +68,19 @@ PAIRED_SECONDS = 2.0
 PAIRED_ROUNDS = (5, 2000)
 
 
-def alternate(benchmark, target, partner, args=(), rounds=None):
+def alternate(benchmark, target, partner, args=(), rounds=None, warmup=True):
     """pytest-benchmark times ``target(*args)`` while ``partner(*args)`` runs before each of its
     rounds (partner, target, partner, target, ...), timed with the host clock; returns the
     partner's times. Warm-up pairs come first (one, or with ``rounds=None`` as many as fit in a
     tenth of PAIRED_SECONDS): first-call costs (page faults of fresh allocations, lazy
     initialisation) stay out of both, as pytest-benchmark's own warm-up keeps them out of an
     unpaired benchmark. ``rounds=None``: as many rounds as fit in PAIRED_SECONDS, within
-    PAIRED_ROUNDS. Wrap CUDA callables with timed_call first."""
+    PAIRED_ROUNDS; ``warmup=False`` (with a given ``rounds``): no warm-up pair, for a smoke run
+    whose figures mean nothing. Wrap CUDA callables with timed_call first."""
+    if rounds is None and not warmup:
+        raise ValueError("alternate: rounds=None sizes the rounds from the warm-up pairs")
     pairs, start = 0, time.perf_counter()
-    while pairs == 0 or (rounds is None and time.perf_counter() - start < PAIRED_SECONDS / 10):
+    while warmup and (pairs == 0 or (rounds is None and time.perf_counter() - start < PAIRED_SECONDS / 10)):
         target(*args)
         partner(*args)
         pairs += 1
@@ -96,7 +99,7 @@ def alternate(benchmark, target, partner, args=(), rounds=None):
     return partner_times
 
 
-def paired_benchmark(benchmark, kernels, reference, device, *args):
+def paired_benchmark(benchmark, kernels, reference, device, *args, rounds=None, warmup=True):
     """Times `kernels(*args)` with pytest-benchmark and `reference(*args)` between its rounds
     (``alternate``), so that both see the same machine state.
 
@@ -105,9 +108,10 @@ def paired_benchmark(benchmark, kernels, reference, device, *args):
     S=100 took 3.8 ms in one window and 9.6 ms in another); a ratio of their medians is then
     as much the machine's drift as the code. The reference's median (and the number of rounds)
     goes into ``extra_info`` ("reference_median", "reference_rounds"); the speed-up table
-    reads it from there.
+    reads it from there. ``rounds``, ``warmup``: as for ``alternate``.
     """
     benchmark.extra_info["impl"] = "kernels"
-    times = alternate(benchmark, timed_call(kernels, device), timed_call(reference, device), args)
+    times = alternate(benchmark, timed_call(kernels, device), timed_call(reference, device), args,
+                      rounds=rounds, warmup=warmup)
     benchmark.extra_info["reference_median"] = statistics.median(times)
     benchmark.extra_info["reference_rounds"] = len(times)

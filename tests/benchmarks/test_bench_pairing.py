@@ -41,6 +41,18 @@ class FakeBenchmark:
             target(*args, **kwargs)
 
 
+def test_one_round_without_warmup(lf_workloads):
+    """The smoke-run form: exactly one reference call then one kernels call, recorded."""
+    calls = []
+    bench = FakeBenchmark()
+    lf_workloads.paired_benchmark(bench, lambda: calls.append("k"), lambda: calls.append("r"), "cpu",
+                                  rounds=1, warmup=False)
+    assert calls == ["r", "k"] and bench.rounds == 1
+    assert bench.extra_info["reference_rounds"] == 1
+    with pytest.raises(ValueError, match="sizes the rounds from the warm-up"):
+        lf_workloads.alternate(FakeBenchmark(), lambda: None, lambda: None, warmup=False)
+
+
 def test_paired_benchmark_alternates_and_records_the_reference(lf_workloads, monkeypatch):
     monkeypatch.setattr(lf_workloads, "PAIRED_SECONDS", 0.05)
     calls = []
