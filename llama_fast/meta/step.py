@@ -159,9 +159,13 @@ def _evidence_prior(spec, theta, damping, sq_dist):
     meta-gradient reaches a damping tensor that requires grad. delta -> 0 does not minimise it
     (-P_l log delta_l outgrows the log-det's fall) nor delta -> inf (the distance term)."""
     delta = _layer_deltas(damping, sq_dist)
-    counts = sq_dist.new_tensor([sum(theta[k].numel() for k in (layer.weight, layer.bias) if k is not None)
-                                 for layer in spec.layers])
+    counts = sq_dist.new_tensor(_layer_sizes(spec, theta))
     return (delta * sq_dist - counts * torch.log(delta)).sum(-1)
+
+
+def _layer_sizes(spec, theta) -> list:
+    """P_l, the parameters of each K-FAC layer (weight and bias)."""
+    return [sum(theta[k].numel() for k in (layer.weight, layer.bias) if k is not None) for layer in spec.layers]
 
 
 def _logdet_divisor(spec, theta, cfg) -> int:
@@ -171,7 +175,7 @@ def _logdet_divisor(spec, theta, cfg) -> int:
     docs/experiments.md)."""
     if cfg["logdet_norm"] == "none":
         return 1
-    return sum(theta[k].numel() for layer in spec.layers for k in (layer.weight, layer.bias) if k is not None)
+    return sum(_layer_sizes(spec, theta))
 
 
 def _call_chunk(one_task, in_dims, inputs, span, cfg, biases, clock):
@@ -234,11 +238,10 @@ def meta_objective(model, batch, *, algorithm="llama", loss="cross_entropy", inn
     if cfg["llama"]:
         logdet = curvature_logdet(factors, cfg["damping"], cfg["scale"], cfg["backend"])
         clock.lap("curvature")
-    if cfg["evidence_prior"]:
-        logdet_terms = logdet + _evidence_prior(spec, theta, cfg["damping"], sq_dist)
-        objective = q_loss + cfg["eta"] * logdet_terms / _logdet_divisor(spec, theta, cfg)
-    else:
-        objective = q_loss if logdet is None else q_loss + cfg["eta"] * logdet / _logdet_divisor(spec, theta, cfg)
+    objective = q_loss
+    if logdet is not None:
+        terms = logdet + _evidence_prior(spec, theta, cfg["damping"], sq_dist) if cfg["evidence_prior"] else logdet
+        objective = q_loss + cfg["eta"] * terms / _logdet_divisor(spec, theta, cfg)
     if prior_term:
         objective = objective + 0.5 * (_layer_deltas(cfg["damping"], sq_dist) * sq_dist).sum(-1)
     meta_loss = objective.mean()
